@@ -1,0 +1,1 @@
+"""EntityCLIP for the Hugging Face ecosystem."""
