@@ -1,0 +1,110 @@
+"""EntityCLIP configuration: a CLIP backbone plus the Multimodal Attentive Experts and GI-ITM hyper-parameters."""
+
+import math
+
+from transformers import CLIPConfig, PreTrainedConfig
+
+
+class EntityCLIPConfig(PreTrainedConfig):
+    r"""
+    Configuration of an [`EntityCLIPModel`]: a nested [`CLIPConfig`] for the backbone and the EntityCLIP heads.
+
+    Defaults follow the paper (arXiv 2410.17810) and its released code.
+
+    Args:
+        clip_config (`CLIPConfig` or `dict`, *optional*):
+            The CLIP backbone. The experts work at its `projection_dim`.
+        num_vision_experts (`int`, defaults to 4):
+            Experts that self-attend over the image tokens and read out the CLS token.
+        num_text_experts (`int`, defaults to 4):
+            Experts that self-attend over the text tokens and read out the end-of-text token.
+        num_shared_experts (`int`, defaults to 4):
+            Experts shared by both sides that cross-attend from image (CLS) or text (EOT) to the explanation tokens.
+        expert_num_heads (`int`, defaults to 1):
+            Attention heads per expert; must divide `clip_config.projection_dim`.
+        expert_mlp_ratio (`float`, defaults to 4.0):
+            Width of each expert's MLP relative to `projection_dim`.
+        beta (`float`, defaults to 0.1):
+            Weight of the contrastive loss between the gated expert embeddings.
+        gamma (`float`, defaults to 0.1):
+            Weight of the gated integrative image-text matching (GI-ITM) loss.
+        use_hard_negatives (`bool`, defaults to `True`):
+            Draw ITM negatives from the softmax of the in-batch similarity (ALBEF style); uniformly at random otherwise.
+        logit_scale_max (`float`, defaults to `log(100)`):
+            Upper bound applied to CLIP's `logit_scale` by [`EntityCLIPModel.clamp_logit_scale`].
+        initializer_range (`float`, defaults to 0.02):
+            Standard deviation for the gates and the ITM head.
+        layer_norm_eps (`float`, defaults to 1e-5):
+            Epsilon of the experts' layer norms.
+    """
+
+    model_type = "entityclip"
+    sub_configs_defaults = {"clip_config": CLIPConfig}
+
+    clip_config: dict | CLIPConfig | None = None
+    num_vision_experts: int = 4
+    num_text_experts: int = 4
+    num_shared_experts: int = 4
+    expert_num_heads: int = 1
+    expert_mlp_ratio: float = 4.0
+    beta: float = 0.1
+    gamma: float = 0.1
+    use_hard_negatives: bool = True
+    logit_scale_max: float = math.log(100.0)
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_entityclip()
+
+    @property
+    def projection_dim(self) -> int:
+        return self.clip_config.projection_dim
+
+    @property
+    def num_image_side_experts(self) -> int:
+        return self.num_vision_experts + self.num_shared_experts
+
+    @property
+    def num_text_side_experts(self) -> int:
+        return self.num_text_experts + self.num_shared_experts
+
+    def validate_entityclip(self):
+        """Reject hyper-parameters that would build a broken model, naming the field at fault."""
+        counts = {
+            "num_vision_experts": self.num_vision_experts,
+            "num_text_experts": self.num_text_experts,
+            "num_shared_experts": self.num_shared_experts,
+        }
+        for name, value in counts.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
+        if sum(counts.values()) == 0:
+            raise ValueError("EntityCLIP needs at least one expert: all of " + ", ".join(counts) + " are 0.")
+        if self.num_image_side_experts == 0 or self.num_text_side_experts == 0:
+            raise ValueError(
+                "Both sides need an expert: set `num_shared_experts` > 0, or both `num_vision_experts` and "
+                f"`num_text_experts` > 0 (got vision={self.num_vision_experts}, text={self.num_text_experts}, "
+                f"shared={self.num_shared_experts})."
+            )
+        if not isinstance(self.expert_num_heads, int) or self.expert_num_heads < 1:
+            raise ValueError(f"`expert_num_heads` must be a positive integer, got {self.expert_num_heads!r}.")
+        if self.projection_dim % self.expert_num_heads != 0:
+            raise ValueError(
+                f"`expert_num_heads` ({self.expert_num_heads}) must divide the CLIP projection_dim "
+                f"({self.projection_dim})."
+            )
+        if not self.expert_mlp_ratio > 0 or int(self.projection_dim * self.expert_mlp_ratio) < 1:
+            raise ValueError(f"`expert_mlp_ratio` must be positive, got {self.expert_mlp_ratio!r}.")
+        for name in ("beta", "gamma"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"`{name}` (a loss weight) must be a finite number >= 0, got {value!r}.")
+        if not math.isfinite(self.logit_scale_max) or self.logit_scale_max <= 0:
+            raise ValueError(f"`logit_scale_max` must be a positive finite number, got {self.logit_scale_max!r}.")
+        if not self.initializer_range > 0:
+            raise ValueError(f"`initializer_range` must be positive, got {self.initializer_range!r}.")
+
+
+__all__ = ["EntityCLIPConfig"]

@@ -1,0 +1,89 @@
+"""EntityCLIP's training losses: contrastive (VTC) over all processes, hard-negative mining and GI-ITM.
+
+Kept apart from the model (as open_clip keeps `ClipLoss` apart from `CLIP`): these functions take features and
+return losses; they know about `torch.distributed` and nothing else.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def distributed_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, or (0, 1) outside distributed training."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
+    """Concatenate `features` [B, D] from every process along dim 0, keeping the gradient path to each process.
+
+    `accelerator.gather` (and `dist.all_gather`) cut the graph: negatives from other processes would then push no
+    gradient back to where they were computed. `torch.distributed.nn.functional.all_gather` sends the gradients home
+    in its backward (open_clip's `gather_with_grad`). Every process must hold the same number of rows.
+    """
+    _, world_size = distributed_world()
+    if world_size == 1:
+        return features
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(features.contiguous()), dim=0)
+
+
+def contrastive_loss(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, gather: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE ((image->text + text->image) / 2) between L2-normalised embeddings of matching rows.
+
+    With several processes and `gather=True`, each process scores its own rows against the global batch (open_clip's
+    `local_loss` with `gather_with_grad`): the mean of the per-process losses then equals the single-process loss on
+    the global batch, and DDP's gradient averaging yields exactly its gradient.
+
+    Returns the loss and the local `logits_per_image` [B_local, B_global].
+    """
+    rank, world_size = distributed_world()
+    if gather and world_size > 1:
+        all_image_embeds = gather_with_grad(image_embeds)
+        all_text_embeds = gather_with_grad(text_embeds)
+        offset = rank * image_embeds.shape[0]
+    else:
+        all_image_embeds, all_text_embeds, offset = image_embeds, text_embeds, 0
+    # Softmax over the batch in float32: under bf16 autocast a large logit_scale overflows the logits' precision.
+    scale = logit_scale.exp().float()
+    logits_per_image = scale * image_embeds.float() @ all_text_embeds.float().t()
+    logits_per_text = scale * text_embeds.float() @ all_image_embeds.float().t()
+    labels = torch.arange(image_embeds.shape[0], device=image_embeds.device) + offset
+    loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    return loss, logits_per_image
+
+
+def sample_negatives(similarity: torch.Tensor, hard: bool = True) -> torch.Tensor:
+    """For each row of a square similarity matrix, draw the column of one negative (never the row's own index).
+
+    `hard=True` draws from `softmax(similarity)` with the diagonal zeroed (ALBEF): confusable pairs are drawn more
+    often, yet every negative keeps a chance, which avoids collapsing onto one false negative. `hard=False` draws
+    uniformly. Needs at least 2 rows.
+    """
+    batch_size = similarity.shape[0]
+    if similarity.ndim != 2 or similarity.shape[1] != batch_size:
+        raise ValueError(f"similarity must be square [B, B], got {tuple(similarity.shape)}")
+    if batch_size < 2:
+        raise ValueError("negatives need a batch of at least 2 pairs")
+    with torch.no_grad():
+        if hard:
+            weights = torch.softmax(similarity.float(), dim=1)
+            # Rows whose softmax underflowed everywhere off the diagonal must still be able to draw a negative.
+            weights = weights + 1e-6
+        else:
+            weights = torch.ones_like(similarity, dtype=torch.float32)
+        weights.fill_diagonal_(0)
+        return torch.multinomial(weights, 1).squeeze(1)
+
+
+def itm_loss(itm_logits: torch.Tensor, itm_labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the matching head over all scored pairs (label 0 = match, 1 = no match)."""
+    return F.cross_entropy(itm_logits.float(), itm_labels)
+
+
+__all__ = ["contrastive_loss", "distributed_world", "gather_with_grad", "itm_loss", "sample_negatives"]
