@@ -576,12 +576,13 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
             for key in ("cache_dir", "local_files_only", "revision", "token", "subfolder", "force_download")
             if key in kwargs
         }
-        clip_config = CLIPConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        if clip_config.model_type != "clip":
+        config_dict, _ = CLIPConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+        if config_dict.get("model_type") != "clip":
             raise ValueError(
-                f"{pretrained_model_name_or_path} holds a {clip_config.model_type!r} model, not a CLIP checkpoint; "
-                "load EntityCLIP checkpoints with EntityCLIPModel.from_pretrained."
+                f"{pretrained_model_name_or_path} holds a {config_dict.get('model_type')!r} model, not a CLIP "
+                "checkpoint; load EntityCLIP checkpoints with EntityCLIPModel.from_pretrained."
             )
+        clip_config = CLIPConfig.from_dict(config_dict)
         config = EntityCLIPConfig(clip_config=clip_config, **entity_kwargs)
         model, loading_info = cls.from_pretrained(
             pretrained_model_name_or_path, config=config, output_loading_info=True, **kwargs
