@@ -25,7 +25,7 @@ class EntityCLIPProcessor(ProcessorMixin):
     Prepares EntityCLIP inputs: images, texts and the texts' explanations, in one call.
 
     One CLIP tokenizer serves both the texts and the explanations (EntityCLIP encodes both with the same CLIP text
-    encoder). A sample whose explanation is `None` gets an all-zero row in `explanation_attention_mask`: that is how
+    encoder). A sample whose explanation is `None` (or blank) gets an all-zero row in `explanation_attention_mask`: that is how
     the model knows the explanation is missing.
 
     Images may be PIL images, numpy arrays (`H x W`, `H x W x C` or `C x H x W`; uint8, uint16, bool, or floats in
@@ -75,7 +75,8 @@ class EntityCLIPProcessor(ProcessorMixin):
         Args:
             images: One image or a list of images (PIL image, numpy array, or path to an image file).
             text: One string or a list of strings.
-            explanations: One string or a list of strings or `None` (no explanation for that sample).
+            explanations: One string or a list of strings or `None` (no explanation for that sample; a blank
+                string counts as `None`).
             padding: Padding strategy of the tokenizer; the default pads to the longest sequence of the batch.
             truncation: Cut sequences longer than the maximum length.
             max_length: Maximum text length for this call; defaults to the processor's `max_length`.
@@ -111,18 +112,20 @@ class EntityCLIPProcessor(ProcessorMixin):
             data["input_ids"] = encoded["input_ids"]
             data["attention_mask"] = encoded["attention_mask"]
         if explanations is not None:
-            # A missing explanation is tokenised as "" (just <|startoftext|><|endoftext|>) so the batch stays
-            # rectangular, and its mask row is zeroed: the model reads an all-zero row as "no explanation".
+            # A blank explanation says nothing either, so it counts as missing. A missing one is tokenised as ""
+            # (just <|startoftext|><|endoftext|>) so the batch stays rectangular, and its mask row is zeroed: the
+            # model reads an all-zero row as "no explanation".
+            missing = [explanation is None or not explanation.strip() for explanation in explanations]
             encoded = self.tokenizer(
-                ["" if explanation is None else explanation for explanation in explanations],
+                ["" if absent else explanation for explanation, absent in zip(explanations, missing, strict=True)],
                 padding=padding,
                 truncation=truncation,
                 max_length=explanation_max_length,
             )
             data["explanation_input_ids"] = encoded["input_ids"]
             data["explanation_attention_mask"] = [
-                [0] * len(mask) if explanation is None else mask
-                for mask, explanation in zip(encoded["attention_mask"], explanations, strict=True)
+                [0] * len(mask) if absent else mask
+                for mask, absent in zip(encoded["attention_mask"], missing, strict=True)
             ]
         return BatchFeature(data, tensor_type=return_tensors)
 
@@ -135,7 +138,15 @@ class EntityCLIPProcessor(ProcessorMixin):
             image = _open_image_file(image, index)
         elif isinstance(image, np.ndarray):
             image = _array_to_image(image, index)
-        elif not isinstance(image, Image.Image):
+        elif isinstance(image, Image.Image):
+            try:
+                # An image from Image.open() is decoded lazily; a damaged file must fail here, where its index is known.
+                image.load()
+            except (OSError, SyntaxError, ValueError) as error:
+                raise ValueError(
+                    f"image {index}: cannot decode the PIL image ({type(error).__name__}: {error})."
+                ) from error
+        else:
             raise ValueError(
                 f"image {index}: expected a PIL image, a numpy array or a path to an image file, "
                 f"got {type(image).__name__}."
