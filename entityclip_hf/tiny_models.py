@@ -115,7 +115,9 @@ def train_bpe_tokenizer(
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[],
+        # Registering every "byte</w>" symbol up front fixes its id; otherwise ids follow the iteration order of a
+        # randomly seeded hash map and ties between equally frequent pairs are broken differently on every run.
+        special_tokens=[symbol + END_OF_WORD for symbol in alphabet],
         initial_alphabet=alphabet,
         end_of_word_suffix=END_OF_WORD,
         show_progress=False,
