@@ -25,8 +25,8 @@ class EntityCLIPProcessor(ProcessorMixin):
     Prepares EntityCLIP inputs: images, texts and the texts' explanations, in one call.
 
     One CLIP tokenizer serves both the texts and the explanations (EntityCLIP encodes both with the same CLIP text
-    encoder). A sample whose explanation is `None` (or blank) gets an all-zero row in `explanation_attention_mask`: that is how
-    the model knows the explanation is missing.
+    encoder). A sample whose explanation is `None` (or blank) gets an all-zero row in `explanation_attention_mask`:
+    that is how the model knows the explanation is missing.
 
     Images may be PIL images, numpy arrays (`H x W`, `H x W x C` or `C x H x W`; uint8, uint16, bool, or floats in
     [0, 1]) or paths to image files. They are converted to RGB first: transparency is composited over
@@ -183,10 +183,7 @@ def _as_image_batch(images):
         return list(images) if images.ndim == 4 else [images]
     if isinstance(images, (list, tuple)):
         return list(images)
-    raise ValueError(
-        f"`images` must be an image, a path or a list of them, got {type(images).__name__} "
-        "(image 0 is not a PIL image, numpy array or file path)."
-    )
+    raise ValueError(f"`images` must be an image, a path or a list of them, got {type(images).__name__}.")
 
 
 def _as_text_batch(texts, field: str, allow_none: bool):

@@ -321,6 +321,11 @@ def test_out_of_range_32_bit_image_names_its_index(tiny_processor):
         tiny_processor(images=[_images(1)[0], huge])
 
 
+def test_out_of_range_float_image_names_its_index(tiny_processor):
+    with pytest.raises(ValueError, match=r"image 0: float \('F'\) image values must lie in 0\.\.255"):
+        tiny_processor(images=Image.new("F", (8, 8), 300.0))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -415,7 +420,11 @@ def test_processor_file_runs_alone_with_trust_remote_code(tiny_tokenizer, tmp_pa
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained({str(tmp_path / "saved")!r}, trust_remote_code=True)
-        images = [Image.new("RGBA", (40, 40), (255, 0, 0, 0)), {str(batch["images"][1])!r}, Image.new("RGB", (40, 32), (255, 0, 0))]
+        images = [
+            Image.new("RGBA", (40, 40), (255, 0, 0, 0)),
+            {str(batch["images"][1])!r},
+            Image.new("RGB", (40, 32), (255, 0, 0)),
+        ]
         out = processor(images=images, text={TEXTS!r}, explanations={EXPLANATIONS!r}, return_tensors="np")
         result = {{key: value.tolist() for key, value in out.items()}}
         result["class"] = type(processor).__name__
