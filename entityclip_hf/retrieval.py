@@ -1,0 +1,747 @@
+"""Retrieval with EntityCLIP: encode galleries to embedding files, search them, rerank the top hits with GI-ITM.
+
+EntityCLIP retrieves with its fine-tuned CLIP embeddings (the experts only shape training), so a gallery is encoded
+once, stored as a safetensors file with its ids, and searched with a matrix product per query block. The GI-ITM head
+(`EntityCLIPModel.match_probability`) can then rerank a query's top-k candidates.
+
+    from entityclip_hf.retrieval import EmbeddingIndex, encode_images, encode_texts, rerank_with_itm, save_embeddings
+
+    gallery = encode_images(model, processor, dataset["image"] or a list of images/paths, batch_size=64)
+    save_embeddings("gallery.safetensors", gallery, ids=dataset["id"])
+    index = EmbeddingIndex.from_file("gallery.safetensors")
+    hits = index.search(encode_texts(model, processor, ["Angela Merkel in Aachen"]), k=20)
+
+Works with plain `CLIPModel` checkpoints too (for baselines); reranking needs EntityCLIP's ITM head. From the
+command line: `python -m entityclip_hf.retrieval {encode,search} --help`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+__all__ = [
+    "EMBEDDINGS_FORMAT",
+    "EmbeddingIndex",
+    "RankedCandidate",
+    "SearchResults",
+    "StoredEmbeddings",
+    "encode_images",
+    "encode_texts",
+    "faiss_available",
+    "load_embeddings",
+    "match_probabilities",
+    "rerank_texts_with_itm",
+    "rerank_with_itm",
+    "save_embeddings",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Written into the safetensors metadata of embedding files, checked on load.
+EMBEDDINGS_FORMAT = "entityclip-embeddings/1"
+_EMBEDDINGS_KEY = "embeddings"
+# safetensors caps its JSON header at 100 MB; ids beyond this size go to a sidecar file instead.
+MAX_IDS_IN_HEADER_BYTES = 8 * 1024 * 1024
+_RESERVED_METADATA = {"format", "ids", "ids_file", "ids_sha256", "num_rows", "dim"}
+
+
+# =============================================================================================== encoding
+def encode_images(
+    model,
+    processor,
+    images,
+    batch_size: int = 64,
+    *,
+    image_column: str = "image",
+    id_column: str | None = "id",
+    num_workers: int = 0,
+    progress: bool = True,
+    skip_errors: bool = False,
+    mixed_precision: bool | None = None,
+) -> torch.Tensor:
+    """Encode images into L2-normalised float32 CLIP embeddings [N, D] (on CPU), batch by batch, without gradients.
+
+    Args:
+        model: An `EntityCLIPModel` (or a `CLIPModel`), on the device to encode on.
+        processor: Its processor (`EntityCLIPProcessor` reads PIL images, numpy arrays and file paths).
+        images: A list of images, or a `datasets.Dataset` with an `image_column` (images decode lazily, in
+            `num_workers` DataLoader workers when > 0).
+        batch_size: Images per forward pass.
+        id_column: Column of a Dataset that names items in error messages.
+        num_workers: DataLoader worker processes that decode and preprocess images.
+        progress: Show a progress bar.
+        skip_errors: Leave a row of NaN for an image that cannot be read or processed (logged with its index and
+            id) instead of raising; a long job then keeps going. Find them with `~torch.isfinite(out).all(1)`.
+        mixed_precision: bf16 autocast; `None` = on CUDA devices that support it, never on CPU.
+
+    Raises:
+        ValueError: for an empty gallery or, without `skip_errors`, an unreadable image (named by index and id).
+    """
+    return _encode(
+        model, processor, images, "image", image_column, id_column, batch_size, num_workers, progress, skip_errors,
+        mixed_precision,
+    )  # fmt: skip
+
+
+def encode_texts(
+    model,
+    processor,
+    texts,
+    batch_size: int = 256,
+    *,
+    text_column: str = "text",
+    id_column: str | None = "id",
+    num_workers: int = 0,
+    progress: bool = True,
+    skip_errors: bool = False,
+    mixed_precision: bool | None = None,
+) -> torch.Tensor:
+    """Encode texts into L2-normalised float32 CLIP embeddings [N, D] (on CPU); see [`encode_images`].
+
+    `texts` is a list of strings or a `datasets.Dataset` with a `text_column`. Texts longer than the processor's
+    maximum length (77 tokens for CLIP) are truncated, as in training.
+    """
+    return _encode(
+        model, processor, texts, "text", text_column, id_column, batch_size, num_workers, progress, skip_errors,
+        mixed_precision,
+    )  # fmt: skip
+
+
+class _IndexedItems(torch.utils.data.Dataset):
+    """Items of a gallery with their index; reading an item never raises (the error is returned instead)."""
+
+    def __init__(self, items, column: str):
+        self.items = items
+        self.column = column
+        self.is_dataset = _is_hf_dataset(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        try:
+            item = self.items[index][self.column] if self.is_dataset else self.items[index]
+        except Exception as error:  # noqa: BLE001 - a bad file must not end a long job; it is reported by index
+            return index, None, f"{type(error).__name__}: {error}"
+        return index, item, None
+
+
+class _BatchPreparer:
+    """DataLoader collate function: turns a list of items into model inputs, isolating the items that fail."""
+
+    def __init__(self, processor, modality: str):
+        self.processor = processor
+        self.modality = modality
+
+    def process(self, items: list) -> dict[str, torch.Tensor]:
+        if self.modality == "image":
+            inputs = self.processor(images=items, return_tensors="pt")
+            return {"pixel_values": inputs["pixel_values"]}
+        inputs = self.processor(text=items, padding="longest", truncation=True, return_tensors="pt")
+        return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+
+    def __call__(self, samples):
+        failures = [(index, error) for index, _, error in samples if error is not None]
+        good = [(index, item) for index, item, error in samples if error is None]
+        if self.modality == "text":
+            for index, item in good:
+                if not isinstance(item, str):
+                    failures.append((index, f"expected a string, got {type(item).__name__}"))
+            good = [(index, item) for index, item in good if isinstance(item, str)]
+        inputs = None
+        if good:
+            try:
+                inputs = self.process([item for _, item in good])
+            except Exception:  # noqa: BLE001 - find the culprit(s) one by one, then process the rest together
+                survivors = []
+                for index, item in good:
+                    try:
+                        self.process([item])
+                    except Exception as error:  # noqa: BLE001
+                        failures.append((index, _strip_batch_position(str(error)) or type(error).__name__))
+                    else:
+                        survivors.append((index, item))
+                good = survivors
+                inputs = self.process([item for _, item in good]) if good else None
+        return [index for index, _ in good], inputs, sorted(failures)
+
+
+def _strip_batch_position(message: str) -> str:
+    # The processor names items by their position in ITS batch ("image 0: ..."); the caller names the gallery index.
+    return re.sub(r"^(image|text|explanations?) \d+: ", "", message)
+
+
+def _encode(
+    model, processor, items, modality, column, id_column, batch_size, num_workers, progress, skip_errors,
+    mixed_precision,
+) -> torch.Tensor:  # fmt: skip
+    _check_positive_int("batch_size", batch_size)
+    if items is None or isinstance(items, (str, bytes)):
+        raise ValueError(f"expected a list of {modality}s or a datasets.Dataset, got {type(items).__name__}.")
+    source = items
+    if _is_hf_dataset(items):
+        if column not in items.column_names:
+            raise ValueError(f"the dataset has no {column!r} column (columns: {items.column_names}).")
+        # Only the needed column: encoding texts must not decode every image of the dataset.
+        source = items.select_columns([column])
+    elif not isinstance(items, Sequence):
+        items = source = list(items)
+    if len(source) == 0:
+        raise ValueError(f"empty gallery: no {modality}s to encode.")
+
+    loader = torch.utils.data.DataLoader(
+        _IndexedItems(source, column),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_BatchPreparer(processor, modality),
+    )
+    device = _model_device(model)
+    embed = _image_features if modality == "image" else _text_features
+    output: torch.Tensor | None = None
+    failed: list[tuple[int, str]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        bar = _progress_bar(len(loader), f"encoding {modality}s", progress)
+        with torch.inference_mode(), _autocast(device, mixed_precision):
+            for indices, inputs, failures in loader:
+                for index, message in failures:
+                    label = _item_label(items, index, id_column)
+                    if not skip_errors:
+                        raise ValueError(f"{modality} {label}: {message}")
+                    logger.warning("skipping %s %s: %s", modality, label, message)
+                    failed.append((index, message))
+                if indices:
+                    inputs = {name: tensor.to(device, non_blocking=True) for name, tensor in inputs.items()}
+                    features = F.normalize(embed(model, inputs).float(), dim=-1).cpu()
+                    if output is None:
+                        output = torch.full((len(source), features.shape[1]), float("nan"), dtype=torch.float32)
+                    output[torch.as_tensor(indices)] = features
+                bar.update(1)
+        bar.close()
+    finally:
+        model.train(was_training)
+    if output is None:
+        raise ValueError(f"none of the {len(source)} {modality}s could be encoded (first failure: {failed[0][1]}).")
+    if failed:
+        logger.warning("%d of %d %ss could not be encoded: their rows are NaN.", len(failed), len(source), modality)
+    return output
+
+
+def _image_features(model, inputs) -> torch.Tensor:
+    return _pooled(model.get_image_features(pixel_values=inputs["pixel_values"]))
+
+
+def _text_features(model, inputs) -> torch.Tensor:
+    return _pooled(model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]))
+
+
+def _pooled(features) -> torch.Tensor:
+    # EntityCLIPModel returns the embedding; transformers v5's CLIPModel returns an output whose pooler_output it is.
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _autocast(device: torch.device, mixed_precision: bool | None):
+    if mixed_precision is None:
+        mixed_precision = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if not mixed_precision:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _progress_bar(total: int, description: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="batch", disable=not enabled)
+
+
+def _is_hf_dataset(items) -> bool:
+    return hasattr(items, "column_names") and hasattr(items, "select_columns")
+
+
+def _item_label(items, index: int, id_column: str | None) -> str:
+    if id_column and _is_hf_dataset(items) and id_column in items.column_names:
+        return f"{index} (id {items.select_columns([id_column])[index][id_column]!r})"
+    if isinstance(items, (str, os.PathLike)) or not isinstance(items, Sequence):
+        return str(index)
+    item = items[index]
+    if isinstance(item, (str, os.PathLike)):
+        return f"{index} ({os.fspath(item)!r})"
+    return str(index)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+# =============================================================================================== embedding files
+class StoredEmbeddings(NamedTuple):
+    """The content of an embedding file."""
+
+    embeddings: torch.Tensor
+    """[N, D] float32."""
+    ids: list | None
+    """One id (str or int) per row, or None if the file has none."""
+    metadata: dict[str, str]
+    """The user metadata saved with the embeddings (e.g. the model and modality)."""
+
+
+def save_embeddings(
+    path: str | os.PathLike,
+    embeddings,
+    ids: Sequence[str | int] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write embeddings [N, D] and their ids to a safetensors file, atomically (a crash leaves the old file or none).
+
+    Ids (unique strings or integers, one per row) are stored as JSON in the safetensors metadata, or in a sidecar
+    file `<path>.ids.json` (checked by its SHA-256) when they are too many for a safetensors header. `metadata` is
+    free-form string metadata kept with them (e.g. `{"model": ..., "modality": "image"}`). Returns the path.
+    """
+    path = Path(path)
+    tensor = _as_matrix(embeddings, "embeddings").to(torch.float32).contiguous()
+    if tensor.shape[0] == 0:
+        raise ValueError("empty embeddings: nothing to save.")
+    bad_rows = (~torch.isfinite(tensor).all(dim=1)).nonzero().flatten().tolist()
+    if bad_rows:
+        row = bad_rows[0]
+        name = f" (id {ids[row]!r})" if ids is not None and row < len(ids) else ""
+        raise ValueError(
+            f"embeddings row {row}{name} is not finite ({len(bad_rows)} such rows): drop the items that could "
+            "not be encoded before saving."
+        )
+    header = {"format": EMBEDDINGS_FORMAT, "num_rows": str(tensor.shape[0]), "dim": str(tensor.shape[1])}
+    for key, value in (metadata or {}).items():
+        if key in _RESERVED_METADATA:
+            raise ValueError(f"metadata key {key!r} is reserved by the embeddings file format.")
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(f"metadata must map strings to strings; {key!r} -> {type(value).__name__}.")
+        header[key] = value
+    sidecar = _sidecar_path(path)
+    write_sidecar = None
+    if ids is not None:
+        ids_json = json.dumps(_check_ids(ids, tensor.shape[0]), ensure_ascii=False)
+        if len(ids_json.encode("utf-8")) <= MAX_IDS_IN_HEADER_BYTES:
+            header["ids"] = ids_json
+        else:
+            header["ids_file"] = sidecar.name
+            header["ids_sha256"] = hashlib.sha256(ids_json.encode("utf-8")).hexdigest()
+            write_sidecar = ids_json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The sidecar goes first: once the main file is in place, everything it refers to exists.
+    if write_sidecar is not None:
+        _atomic_write(sidecar, lambda tmp: Path(tmp).write_text(write_sidecar, encoding="utf-8"))
+    _atomic_write(path, lambda tmp: save_file({_EMBEDDINGS_KEY: tensor}, tmp, metadata=header))
+    if write_sidecar is None and sidecar.exists():
+        sidecar.unlink()  # left by an earlier, larger save to the same path
+    return path
+
+
+def load_embeddings(path: str | os.PathLike) -> StoredEmbeddings:
+    """Read a file written by [`save_embeddings`]: `(embeddings [N, D] float32, ids or None, metadata)`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no embeddings file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = dict(handle.metadata() or {})
+            if _EMBEDDINGS_KEY not in handle.keys():
+                raise ValueError(f"{path} holds no {_EMBEDDINGS_KEY!r} tensor (keys: {list(handle.keys())}).")
+            embeddings = handle.get_tensor(_EMBEDDINGS_KEY)
+    except (OSError, RuntimeError, SafetensorError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+    file_format = header.get("format")
+    if file_format is not None and file_format != EMBEDDINGS_FORMAT:
+        raise ValueError(f"{path} has format {file_format!r}; this version reads {EMBEDDINGS_FORMAT!r}.")
+    if embeddings.ndim != 2:
+        raise ValueError(f"{path}: embeddings must be a matrix [N, D], got shape {tuple(embeddings.shape)}.")
+    ids = None
+    if "ids" in header:
+        ids = json.loads(header["ids"])
+    elif "ids_file" in header:
+        sidecar = path.parent / header["ids_file"]
+        if not sidecar.is_file():
+            raise FileNotFoundError(f"{path} keeps its ids in {sidecar}, which is missing.")
+        raw = sidecar.read_bytes()
+        if hashlib.sha256(raw).hexdigest() != header.get("ids_sha256"):
+            raise ValueError(
+                f"{sidecar} does not belong to {path} (checksum mismatch): the two were not saved together."
+            )
+        ids = json.loads(raw.decode("utf-8"))
+    if ids is not None and len(ids) != embeddings.shape[0]:
+        raise ValueError(f"{path}: {len(ids)} ids for {embeddings.shape[0]} embeddings.")
+    user_metadata = {key: value for key, value in header.items() if key not in _RESERVED_METADATA}
+    return StoredEmbeddings(embeddings.float(), ids, user_metadata)
+
+
+def _sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + ".ids.json")
+
+
+def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _check_ids(ids: Sequence[str | int], num_rows: int) -> list[str | int]:
+    ids = list(ids)
+    if len(ids) != num_rows:
+        raise ValueError(f"{len(ids)} ids for {num_rows} embeddings: give exactly one id per row.")
+    seen: dict[str | int, int] = {}
+    for row, item_id in enumerate(ids):
+        if isinstance(item_id, np.integer):
+            item_id = ids[row] = int(item_id)
+        if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
+            raise ValueError(f"id of row {row} must be a string or an integer, got {type(item_id).__name__}.")
+        if item_id in seen:
+            raise ValueError(f"duplicate id {item_id!r} at rows {seen[item_id]} and {row}: ids must be unique.")
+        seen[item_id] = row
+    return ids
+
+
+def _as_matrix(values, name: str, allow_vector: bool = False) -> torch.Tensor:
+    if isinstance(values, np.ndarray):
+        values = torch.from_numpy(values)
+    elif not isinstance(values, torch.Tensor):
+        try:
+            values = torch.as_tensor(values)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"{name} must be a matrix [N, D] (tensor or array): {error}") from error
+    if allow_vector and values.ndim == 1:
+        values = values.unsqueeze(0)
+    if values.ndim != 2:
+        raise ValueError(f"{name} must be a matrix [N, D], got shape {tuple(values.shape)}.")
+    if not values.is_floating_point():
+        values = values.float()
+    return values.detach().cpu()
+
+
+# =============================================================================================== search
+def faiss_available() -> bool:
+    """Whether `faiss` can be imported (the optional `faiss-cpu` / `faiss-gpu` package)."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class SearchResults:
+    """The `k` best gallery items of each query, best first."""
+
+    scores: torch.Tensor
+    """[Q, k] cosine similarity (dot product without normalisation)."""
+    indices: torch.Tensor
+    """[Q, k] row of each hit in the gallery."""
+    ids: list[list] | None
+    """`ids[q][j]`: the id of hit j of query q, if the index has ids."""
+
+
+class EmbeddingIndex:
+    """Nearest-neighbour search over a gallery of embeddings: exact chunked matmul, or FAISS when installed.
+
+    Args:
+        embeddings: [N, D] gallery embeddings (tensor or array), e.g. from [`encode_images`].
+        ids: One unique id per row (str or int), returned with the hits.
+        normalize: Rank by cosine similarity (L2-normalise gallery and queries), as CLIP retrieval does.
+        backend: `"exact"` (torch), `"faiss"` (an exact inner-product FAISS index through
+            `datasets.Dataset.add_faiss_index_from_external_arrays`), or `"auto"` (FAISS if importable).
+        device: Where the exact search runs (default CPU); the gallery is moved there once.
+        chunk_size: Gallery rows scored per block: memory is `query_block * chunk_size * 4` bytes, whatever N.
+    """
+
+    def __init__(
+        self,
+        embeddings,
+        ids: Sequence[str | int] | None = None,
+        *,
+        normalize: bool = True,
+        backend: str = "auto",
+        device: str | torch.device | None = None,
+        chunk_size: int = 16384,
+    ):
+        if backend not in ("auto", "exact", "faiss"):
+            raise ValueError(f"backend must be 'auto', 'exact' or 'faiss', got {backend!r}.")
+        _check_positive_int("chunk_size", chunk_size)
+        gallery = _as_matrix(embeddings, "embeddings").float()
+        if gallery.shape[0] == 0:
+            raise ValueError("empty gallery: an index needs at least one embedding.")
+        ids = _check_ids(ids, gallery.shape[0]) if ids is not None else None
+        bad_rows = (~torch.isfinite(gallery).all(dim=1)).nonzero().flatten().tolist()
+        if bad_rows:
+            name = f" (id {ids[bad_rows[0]]!r})" if ids is not None else ""
+            raise ValueError(
+                f"gallery row {bad_rows[0]}{name} is not finite ({len(bad_rows)} such rows; encode_* leaves NaN rows "
+                "for items it could not read): drop them first."
+            )
+        if normalize:
+            gallery = F.normalize(gallery, dim=-1)
+        if backend == "auto":
+            backend = "faiss" if faiss_available() else "exact"
+        elif backend == "faiss" and not faiss_available():
+            raise ImportError("backend='faiss' needs the faiss package: pip install 'entityclip-hf[faiss]'.")
+        self.backend = backend
+        self.normalize = normalize
+        self.chunk_size = chunk_size
+        self.ids = ids
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.embeddings = gallery.to(self.device)
+        self._faiss_dataset = self._build_faiss() if backend == "faiss" else None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **kwargs) -> EmbeddingIndex:
+        """An index over an embedding file written by [`save_embeddings`] (its ids included)."""
+        stored = load_embeddings(path)
+        index = cls(stored.embeddings, stored.ids, **kwargs)
+        index.metadata = stored.metadata
+        return index
+
+    def save(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
+        """Write the gallery (as indexed: normalised if `normalize`) and its ids with [`save_embeddings`]."""
+        return save_embeddings(path, self.embeddings.cpu(), self.ids, metadata)
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings.shape[1]
+
+    def search(self, queries, k: int = 10) -> SearchResults:
+        """Return the `k` gallery items most similar to each query ([D] or [Q, D] embeddings), best first."""
+        query_matrix = _as_matrix(queries, "queries", allow_vector=True).float()
+        if query_matrix.shape[0] == 0:
+            raise ValueError("no queries: queries must have at least one row.")
+        if query_matrix.shape[1] != self.dim:
+            raise ValueError(
+                f"queries have dimension {query_matrix.shape[1]} but the gallery's embeddings have {self.dim}: "
+                "encode queries and gallery with the same model."
+            )
+        bad = (~torch.isfinite(query_matrix).all(dim=1)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"query {bad[0]} is not finite.")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}.")
+        if k > len(self):
+            raise ValueError(f"k={k} exceeds the gallery size ({len(self)} items).")
+        if self.normalize:
+            query_matrix = F.normalize(query_matrix, dim=-1)
+        if self._faiss_dataset is not None:
+            scores, indices = self._search_faiss(query_matrix, k)
+        else:
+            scores, indices = self._search_exact(query_matrix, k)
+        ids = [[self.ids[i] for i in row] for row in indices.tolist()] if self.ids is not None else None
+        return SearchResults(scores=scores, indices=indices, ids=ids)
+
+    def _search_exact(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Blocks of queries x blocks of the gallery, keeping a running top-k: the Q x N matrix is never built.
+        query_block = max(1, (1 << 24) // self.chunk_size)
+        all_scores, all_indices = [], []
+        for q_start in range(0, queries.shape[0], query_block):
+            block = queries[q_start : q_start + query_block].to(self.device)
+            best_scores = torch.full((block.shape[0], 0), -math.inf, device=self.device)
+            best_indices = torch.zeros((block.shape[0], 0), dtype=torch.long, device=self.device)
+            for g_start in range(0, len(self), self.chunk_size):
+                chunk = self.embeddings[g_start : g_start + self.chunk_size]
+                scores = block @ chunk.T
+                top = scores.topk(min(k, chunk.shape[0]), dim=1)
+                merged_scores = torch.cat([best_scores, top.values], dim=1)
+                merged_indices = torch.cat([best_indices, top.indices + g_start], dim=1)
+                keep = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+                best_scores = keep.values
+                best_indices = merged_indices.gather(1, keep.indices)
+            all_scores.append(best_scores.cpu())
+            all_indices.append(best_indices.cpu())
+        return torch.cat(all_scores), torch.cat(all_indices)
+
+    def _build_faiss(self):
+        import faiss
+        from datasets import Dataset
+
+        dataset = Dataset.from_dict({"row": list(range(len(self)))})
+        dataset.add_faiss_index_from_external_arrays(
+            external_arrays=self.embeddings.cpu().numpy().astype(np.float32),
+            index_name=_EMBEDDINGS_KEY,
+            metric_type=faiss.METRIC_INNER_PRODUCT,
+        )
+        return dataset
+
+    def _search_faiss(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        result = self._faiss_dataset.search_batch(_EMBEDDINGS_KEY, queries.cpu().numpy().astype(np.float32), k=k)
+        scores = torch.from_numpy(np.stack(result.total_scores).astype(np.float32))
+        indices = torch.from_numpy(np.stack(result.total_indices).astype(np.int64))
+        return scores, indices
+
+
+# =============================================================================================== reranking
+class RankedCandidate(NamedTuple):
+    """One reranked candidate."""
+
+    index: int
+    """Position of the candidate in the list given to the reranker."""
+    id: Any
+    """Its id, if `candidate_ids` were given."""
+    match_probability: float
+    """GI-ITM probability that the query and the candidate match."""
+
+
+def match_probabilities(
+    model,
+    processor,
+    images: Sequence,
+    texts: Sequence[str],
+    explanations: Sequence[str | None] | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+    mixed_precision: bool | None = None,
+) -> torch.Tensor:
+    """GI-ITM match probability [N] (float32, CPU) of each pair (images[i], texts[i], explanations[i]), in batches.
+
+    Needs an `EntityCLIPModel` (its `match_probability`). An explanation of `None` means "none for this pair".
+    """
+    if not hasattr(model, "match_probability"):
+        raise TypeError(f"{type(model).__name__} has no GI-ITM head (match_probability): rerank with EntityCLIP.")
+    _check_positive_int("batch_size", batch_size)
+    images, texts = list(images), list(texts)
+    if not images:
+        raise ValueError("no candidate pairs to score.")
+    if len(images) != len(texts) or (explanations is not None and len(explanations) != len(images)):
+        counts = f"{len(images)} images, {len(texts)} texts" + (
+            f", {len(explanations)} explanations" if explanations is not None else ""
+        )
+        raise ValueError(f"one image, one text (and one explanation) per pair: got {counts}.")
+    use_explanations = explanations is not None and any(e is not None and e.strip() for e in explanations)
+    device = _model_device(model)
+    probabilities = []
+    was_training = model.training
+    model.eval()
+    try:
+        bar = _progress_bar(math.ceil(len(images) / batch_size), "GI-ITM scoring", progress)
+        with torch.inference_mode(), _autocast(device, mixed_precision):
+            for start in range(0, len(images), batch_size):
+                stop = start + batch_size
+                try:
+                    inputs = processor(
+                        images=images[start:stop],
+                        text=texts[start:stop],
+                        explanations=list(explanations[start:stop]) if use_explanations else None,
+                        return_tensors="pt",
+                    )
+                except ValueError as error:
+                    raise ValueError(f"pairs {start}..{min(stop, len(images)) - 1}: {error}") from error
+                inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
+                probabilities.append(model.match_probability(**inputs).float().cpu())
+                bar.update(1)
+        bar.close()
+    finally:
+        model.train(was_training)
+    return torch.cat(probabilities)
+
+
+def rerank_with_itm(
+    model,
+    processor,
+    query_text: str,
+    candidate_images: Sequence,
+    explanation: str | None = None,
+    candidate_ids: Sequence | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[RankedCandidate]:
+    """Reorder a text query's candidate images (e.g. its top-k from [`EmbeddingIndex.search`]) by GI-ITM.
+
+    Args:
+        query_text: The query.
+        candidate_images: PIL images, arrays or paths, in first-stage order.
+        explanation: An LLM explanation of the query's entities, if available (as in training).
+        candidate_ids: Ids to carry along (same length as `candidate_images`).
+
+    Returns:
+        All candidates, highest match probability first (ties keep the first-stage order).
+    """
+    if not isinstance(query_text, str) or not query_text.strip():
+        raise ValueError(f"query_text must be a non-empty string, got {query_text!r}.")
+    candidates = list(candidate_images)
+    _check_candidates(candidates, candidate_ids)
+    probabilities = match_probabilities(
+        model,
+        processor,
+        candidates,
+        [query_text] * len(candidates),
+        [explanation] * len(candidates) if explanation is not None else None,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return _ranked(probabilities, candidate_ids)
+
+
+def rerank_texts_with_itm(
+    model,
+    processor,
+    query_image,
+    candidate_texts: Sequence[str],
+    candidate_explanations: Sequence[str | None] | None = None,
+    candidate_ids: Sequence | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[RankedCandidate]:
+    """Reorder an image query's candidate texts by GI-ITM (each text with its own explanation, if given)."""
+    candidates = list(candidate_texts)
+    _check_candidates(candidates, candidate_ids)
+    probabilities = match_probabilities(
+        model,
+        processor,
+        [query_image] * len(candidates),
+        candidates,
+        candidate_explanations,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return _ranked(probabilities, candidate_ids)
+
+
+def _check_candidates(candidates: list, candidate_ids: Sequence | None) -> None:
+    if not candidates:
+        raise ValueError("no candidates to rerank.")
+    if candidate_ids is not None and len(candidate_ids) != len(candidates):
+        raise ValueError(f"{len(candidate_ids)} candidate_ids for {len(candidates)} candidates.")
+
+
+def _ranked(probabilities: torch.Tensor, candidate_ids: Sequence | None) -> list[RankedCandidate]:
+    values = probabilities.tolist()
+    order = sorted(range(len(values)), key=lambda i: (-values[i], i))
+    return [RankedCandidate(i, candidate_ids[i] if candidate_ids is not None else None, values[i]) for i in order]
