@@ -1,0 +1,281 @@
+"""`entityclip-eval`: evaluate any saved model on any supported dataset split and print the paper's retrieval table.
+
+    entityclip-eval --model outputs/run/best --dataset n24news --root data/N24News --split test --output metrics.json
+    python -m entityclip_hf.evaluation --model openai/clip-vit-base-patch32 --dataset jsonl --root my_data
+
+The protocol is the paper's: the whole split is one gallery, each image's only positive is its own text (and back);
+R@1/5/10/50/100, median and mean rank in both directions, and rsum. Only the CLIP embeddings are used (EntityCLIP's
+inference), so plain CLIP checkpoints are evaluated the same way, for baselines. Encoding runs under bf16 autocast on
+GPUs that support it and in float32 on CPU; an image that cannot be read drops its pair (reported) instead of
+ending the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .metrics import retrieval_metrics
+from .retrieval import _atomic_write, encode_images, encode_texts
+
+__all__ = [
+    "EvaluationResult",
+    "evaluate_split",
+    "format_metrics_table",
+    "load_model_and_processor",
+    "load_split",
+    "main",
+    "run",
+]
+
+logger = logging.getLogger(__name__)
+
+DATASET_CHOICES = ("n24news", "visualnews", "goodnews", "jsonl", "demo")
+_DIRECTIONS = (("i2t", "image → text"), ("t2i", "text → image"))
+_RECALL_KS = (1, 5, 10, 50, 100)
+
+
+@dataclass
+class EvaluationResult:
+    """Metrics of one split, with what was left out."""
+
+    metrics: dict[str, float]
+    num_pairs: int
+    """Pairs in the gallery (after dropping those that could not be encoded)."""
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    """`{"index", "id", "reason"}` of each pair left out."""
+    seconds: float = 0.0
+
+
+def load_model_and_processor(
+    model_path: str | os.PathLike, device: str | torch.device = "cpu", trust_remote_code: bool = False
+):
+    """Load a saved model and its processor with the Auto classes, in float32, on `device`, in eval mode.
+
+    EntityCLIP loads with this package's classes (registered on import) and plain CLIP with transformers' own, so
+    `trust_remote_code` is needed only for other architectures that ship their code.
+    """
+    from transformers import AutoModel, AutoProcessor
+
+    import entityclip_hf  # noqa: F401  (registers EntityCLIP with the Auto classes)
+
+    model = AutoModel.from_pretrained(model_path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
+        raise ValueError(
+            f"{model_path} holds a {type(model).__name__}, which has no get_image_features/get_text_features: "
+            "not an image-text model."
+        )
+    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    return model.to(device).eval(), processor
+
+
+def evaluate_split(
+    model,
+    processor,
+    dataset,
+    batch_size: int = 64,
+    chunk_size: int = 4096,
+    num_workers: int = 0,
+    progress: bool = True,
+    id_column: str = "id",
+) -> EvaluationResult:
+    """Encode a split (a `datasets.Dataset` with `image` and `text` columns) and compute the retrieval metrics.
+
+    Texts and images are encoded in separate passes (the text pass decodes no image). Pairs whose image or text
+    cannot be encoded are dropped from the gallery and listed in `skipped`.
+    """
+    for column in ("image", "text"):
+        if column not in dataset.column_names:
+            raise ValueError(f"the split has no {column!r} column (columns: {dataset.column_names}).")
+    if len(dataset) == 0:
+        raise ValueError("the split is empty: nothing to evaluate.")
+    started = time.time()
+    common = {"num_workers": num_workers, "progress": progress, "skip_errors": True, "id_column": id_column}
+    text_embeds = encode_texts(model, processor, dataset, batch_size=batch_size, **common)
+    image_embeds = encode_images(model, processor, dataset, batch_size=batch_size, **common)
+    image_ok = torch.isfinite(image_embeds).all(dim=1)
+    text_ok = torch.isfinite(text_embeds).all(dim=1)
+    keep = image_ok & text_ok
+    skipped = []
+    if not bool(keep.all()):
+        ids = dataset[id_column] if id_column in dataset.column_names else None
+        for index in (~keep).nonzero().flatten().tolist():
+            reason = "image could not be read" if not image_ok[index] else "text could not be encoded"
+            skipped.append({"index": index, "id": ids[index] if ids is not None else None, "reason": reason})
+    num_pairs = int(keep.sum())
+    if num_pairs == 0:
+        raise ValueError("no pair of the split could be encoded.")
+    metrics = retrieval_metrics(
+        image_embeds[keep], text_embeds[keep], chunk_size=chunk_size, device=_device_of(model), progress=progress
+    )
+    return EvaluationResult(metrics, num_pairs, skipped, time.time() - started)
+
+
+def format_metrics_table(metrics: dict[str, float], title: str | None = None) -> str:
+    """The retrieval metrics as a fixed-width text table: one row per direction, then rsum."""
+    header = f"{'direction':<14}" + "".join(f"{f'R@{k}':>8}" for k in _RECALL_KS) + f"{'MedR':>8}{'MeanR':>9}"
+    lines = [title] if title else []
+    lines += [header, "-" * len(header)]
+    for direction, name in _DIRECTIONS:
+        cells = [metrics.get(f"{direction}_R@{k}") for k in _RECALL_KS]
+        row = f"{name:<14}" + "".join(f"{value:>8.2f}" if value is not None else f"{'-':>8}" for value in cells)
+        median, mean = metrics.get(f"{direction}_median_rank"), metrics.get(f"{direction}_mean_rank")
+        row += f"{median:>8.0f}" if median is not None else f"{'-':>8}"
+        row += f"{mean:>9.2f}" if mean is not None else f"{'-':>9}"
+        lines.append(row)
+    if "rsum" in metrics:
+        lines.append(f"rsum (R@1+R@5+R@10, both directions): {metrics['rsum']:.2f}")
+    return "\n".join(lines)
+
+
+def load_split(
+    dataset: str,
+    root: str | os.PathLike | None,
+    split: str,
+    max_samples: int | None = None,
+    check_images: str = "header",
+):
+    """One split of a supported dataset via `entityclip_hf.data.load_entity_dataset`, without explanations.
+
+    Returns `(split, DataReport)`. Rows with a missing or unreadable image are left out by the loader and counted in
+    the report. For "demo", `root` is where the demo dataset is (or is built on first use); None means the loader's
+    default folder.
+    """
+    from .data import load_entity_dataset
+    from .data.formats import canonical_split
+
+    if root is None and dataset != "demo":
+        raise ValueError(f"--dataset {dataset} needs --root, the folder holding its files.")
+    # Retrieval uses only the CLIP embeddings: explanations are not needed to evaluate.
+    splits, report = load_entity_dataset(
+        dataset, root, explanations=None, splits=[split], check_images=check_images, return_report=True
+    )
+    data = splits[canonical_split(split)]
+    if max_samples is not None:
+        data = data.select(range(min(max_samples, len(data))))
+    return data, report
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="entityclip-eval",
+        description="Evaluate a saved EntityCLIP (or CLIP) model on a dataset split: R@K, median/mean rank, rsum.",
+    )
+    parser.add_argument("--model", required=True, help="a save_pretrained folder or a Hub repository id")
+    parser.add_argument("--dataset", required=True, choices=DATASET_CHOICES)
+    parser.add_argument("--root", help="the dataset's folder (demo: where it is built on first use; default: a cache)")
+    parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images or texts per forward pass")
+    parser.add_argument("--chunk-size", type=int, default=4096, help="gallery rows per block of the metric")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+    parser.add_argument("--max-samples", type=int, help="evaluate only the first N pairs of the split")
+    parser.add_argument(
+        "--check-images",
+        choices=("none", "header", "decode"),
+        default="header",
+        help="how the loader checks image files before evaluation (unreadable ones are left out and reported)",
+    )
+    parser.add_argument("--output", help="write the metrics (and what was skipped) to this JSON file")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow other architectures' Hub code")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "chunk_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.num_workers < 0:
+        parser.error("--num-workers must be >= 0")
+    if args.max_samples is not None and args.max_samples < 1:
+        parser.error("--max-samples must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `entityclip-eval` command: evaluate, print the table, write `--output`; exit status 0 (2 on bad input)."""
+    run(argv)
+    return 0
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """`entityclip-eval` as a function: returns the report that `--output` writes."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    device = _resolve_device(args.device)
+    try:
+        data, data_report = load_split(args.dataset, args.root, args.split, args.max_samples, args.check_images)
+        model, processor = load_model_and_processor(args.model, device, args.trust_remote_code)
+        result = evaluate_split(
+            model,
+            processor,
+            data,
+            batch_size=args.batch_size,
+            chunk_size=args.chunk_size,
+            num_workers=args.num_workers,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        print(f"entityclip-eval: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+
+    title = f"{args.model} on {args.dataset}/{args.split}: {result.num_pairs} pairs, {result.seconds:.1f} s on {device}"
+    print(format_metrics_table(result.metrics, title))
+    if result.skipped:
+        shown = ", ".join(str(item["id"] if item["id"] is not None else item["index"]) for item in result.skipped[:10])
+        more = " ..." if len(result.skipped) > 10 else ""
+        print(f"skipped {len(result.skipped)} pair(s) that could not be encoded: {shown}{more}")
+    excluded = sum(split.rows_excluded for split in data_report.splits.values())
+    if excluded:
+        print(f"the loader left out {excluded} row(s) of the split (missing or unreadable image, empty text, ...)")
+    report = {
+        "model": str(args.model),
+        "dataset": args.dataset,
+        "root": str(args.root) if args.root is not None else None,
+        "split": args.split,
+        "num_pairs": result.num_pairs,
+        "skipped": result.skipped,
+        "rows_excluded_by_loader": excluded,
+        "data_report": data_report.to_dict(),
+        "seconds": round(result.seconds, 3),
+        "device": str(device),
+        "metrics": result.metrics,
+    }
+    if args.output:
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+        _atomic_write(output, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        print(f"wrote {output}")
+    return report
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise SystemExit(f"entityclip-eval: error: --device {name!r}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("entityclip-eval: error: --device cuda but no CUDA device is available")
+    return device
+
+
+def _device_of(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
