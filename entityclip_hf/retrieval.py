@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import math
@@ -139,9 +140,25 @@ class _IndexedItems(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         try:
             item = self.items[index][self.column] if self.is_dataset else self.items[index]
+            item = _undecoded_image(item)
         except Exception as error:  # noqa: BLE001 - a bad file must not end a long job; it is reported by index
             return index, None, f"{type(error).__name__}: {error}"
         return index, item, None
+
+
+def _undecoded_image(item):
+    """A `datasets.Image(decode=False)` value ({"path", "bytes"}) as something the processor reads; others as is."""
+    if not (isinstance(item, dict) and ("path" in item or "bytes" in item)):
+        return item
+    if item.get("bytes"):
+        from PIL import Image
+
+        with Image.open(io.BytesIO(item["bytes"])) as image:
+            image.load()
+            return image.copy()
+    if item.get("path"):
+        return item["path"]
+    raise ValueError("image entry has neither bytes nor a path")
 
 
 class _BatchPreparer:
@@ -202,6 +219,8 @@ def _encode(
             raise ValueError(f"the dataset has no {column!r} column (columns: {items.column_names}).")
         # Only the needed column: encoding texts must not decode every image of the dataset.
         source = items.select_columns([column])
+        if modality == "text":
+            source = source[column]  # one columnar read instead of a row lookup per text
     elif not isinstance(items, Sequence):
         items = source = list(items)
     if len(source) == 0:

@@ -102,6 +102,16 @@ def test_encode_from_dataset_columns_reads_only_the_needed_column(model, tiny_pr
     for workers in (0, 2):
         got = encode_images(model, tiny_processor, good, batch_size=3, num_workers=workers, progress=False)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # Undecoded image columns (`datasets.Image(decode=False)`, as the data collator uses): by path, or by bytes.
+    by_path = good.cast_column("image", datasets.Image(decode=False))
+    in_memory = datasets.Dataset.from_dict(
+        {"image": random_images(5, seed=1)[:4]},
+        features=datasets.Features({"image": datasets.Image()}),
+    ).cast_column("image", datasets.Image(decode=False))
+    assert in_memory[0]["image"]["bytes"] and not by_path[0]["image"]["bytes"]
+    for undecoded in (by_path, in_memory):
+        got = encode_images(model, tiny_processor, undecoded, batch_size=3, progress=False)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_image_is_named_by_index_and_id_or_skipped(model, tiny_processor, image_files, tmp_path):
