@@ -1,0 +1,86 @@
+"""`entityclip-data` / `python -m entityclip_hf.data`: load a dataset folder and print what the loader found."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from .formats import FORMATS
+from .loading import IMAGE_CHECKS, load_entity_dataset
+from .report import DataError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="entityclip-data",
+        description="Load an entity-centric image-text dataset folder, check it, and print the bad-data report.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("name", help=f"dataset format: {', '.join(sorted(FORMATS))} (any case)")
+    parser.add_argument("--root", help="dataset folder (for demo: where to build it; default: the datasets cache)")
+    parser.add_argument(
+        "--explanations",
+        nargs="+",
+        default=["auto"],
+        help="'auto', 'none', or explanation files / folders (released JSON or entityclip-explain caches)",
+    )
+    parser.add_argument("--splits", nargs="+", help="splits to load (default: all present)")
+    parser.add_argument("--strict", action="store_true", help="fail on missing/unreadable images, empty texts, ...")
+    parser.add_argument("--check-images", choices=IMAGE_CHECKS, default="header", help="how deeply to check images")
+    parser.add_argument("--num-proc", type=int, help="processes for the image check (default: all cores)")
+    parser.add_argument("--explanation-model", help="use only cache entries of this generator")
+    parser.add_argument("--explanation-prompt-version", help="use only cache entries of this prompt version")
+    parser.add_argument("--report-json", help="also write the report to this JSON file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Load, print the report and one row per split. Exit 1 on a strict-mode data error, 2 on a layout error."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    explanations = args.explanations
+    if explanations == ["auto"]:
+        explanations = "auto"
+    elif explanations == ["none"]:
+        explanations = None
+    try:
+        dataset, report = load_entity_dataset(
+            args.name,
+            args.root,
+            explanations,
+            splits=args.splits,
+            strict=args.strict,
+            check_images=args.check_images,
+            num_proc=args.num_proc,
+            explanation_model=args.explanation_model,
+            explanation_prompt_version=args.explanation_prompt_version,
+            return_report=True,
+        )
+    except DataError as error:
+        _write_report(args.report_json, error.report)
+        print(error, file=sys.stderr)
+        return 1
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"entityclip-data: {error}", file=sys.stderr)
+        return 2
+    _write_report(args.report_json, report)
+    print(dataset)
+    for split, rows in dataset.items():
+        if len(rows):
+            row = rows[0]
+            shown = {key: value for key, value in row.items() if key != "image"}
+            shown["image"] = f"{row['image'].size[0]}x{row['image'].size[1]} {row['image'].mode}"
+            print(f"{split}[0]: {json.dumps(shown, ensure_ascii=False)}")
+    return 0
+
+
+def _write_report(path: str | None, report) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(report.to_dict(), handle, ensure_ascii=False, indent=1)
+
+
+__all__ = ["build_parser", "main"]

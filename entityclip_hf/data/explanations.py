@@ -1,0 +1,207 @@
+"""Explanation files joined onto dataset rows: the released per-image JSON files and our own generation cache.
+
+- Released format (`CapDsc_mistral_{split}.json`, GoodNews `New_Corr_CapDsc_mistral_{split}.json`): one JSON object
+  mapping an image to its explanation. N24News and GoodNews key by file name (`abc.jpg`); VisualNews by the
+  authors' absolute paths (`/star/.../images//washington_post/images/0376/501.jpg`). A row matches the key that
+  ends with the row's image path relative to the image folder (the longest such tail), else the key with the same
+  file name: no absolute path of anyone's machine is needed.
+- Cache format (JSON lines written by `entityclip_hf.explain`): keyed by text; a row matches by its text as
+  written in the dataset file, else by its whitespace-normalised text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..explain import read_explanation_cache
+from .formats import EntityFormat, normalise_key
+
+logger = logging.getLogger(__name__)
+
+CACHE_SUFFIXES = (".jsonl", ".ndjson")
+# Where "auto" also looks: the conventional home of `entityclip-explain --cache` files and of extra released files.
+EXPLANATIONS_SUBDIR = "explanations"
+
+
+def clean_explanation(value: str | None) -> str | None:
+    """A blank explanation says nothing: it counts as missing (as in the processor)."""
+    if value is None or not value.strip():
+        return None
+    return value
+
+
+class ReleasedExplanations:
+    """A released explanation file: image key -> explanation, matched by path tail."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            with self.path.open(encoding="utf-8") as handle:
+                data = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{self.path}: not valid JSON ({error})") from None
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"{self.path}: a released explanation file maps image names to explanations (a JSON object), "
+                f"got {type(data).__name__}"
+            )
+        self._entries: dict[str, str] = {}
+        not_text = []
+        for key, value in data.items():
+            if value is not None and not isinstance(value, str):
+                not_text.append(key)
+                continue
+            explanation = clean_explanation(value)
+            if explanation is not None:
+                self._entries[normalise_key(key)] = explanation
+        if not_text:
+            logger.warning(
+                "%s: %d entries are not text and are ignored (e.g. %s)", self.path, len(not_text), not_text[:3]
+            )
+        self._by_depth: dict[int, dict[str, str]] = {}
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def _index(self, depth: int) -> dict[str, str]:
+        # Built on first use, one per path depth the rows need (N24News: 1; VisualNews: 4), to keep memory flat.
+        if depth not in self._by_depth:
+            index = {}
+            for key, explanation in self._entries.items():
+                parts = key.split("/")
+                if len(parts) >= depth:
+                    index["/".join(parts[-depth:])] = explanation
+            self._by_depth[depth] = index
+        return self._by_depth[depth]
+
+    def lookup(self, image_key: str, raw_text: str, text: str) -> str | None:
+        parts = normalise_key(image_key).split("/")
+        for depth in (len(parts), 1) if len(parts) > 1 else (1,):
+            explanation = self._index(depth).get("/".join(parts[-depth:]))
+            if explanation is not None:
+                return explanation
+        return None
+
+
+class CachedExplanations:
+    """An `entityclip-explain` cache file: text -> explanation (ok entries only; later lines win)."""
+
+    def __init__(self, path: str | os.PathLike, model: str | None = None, prompt_version: str | None = None):
+        self.path = Path(path)
+        self._entries = {
+            text: explanation
+            for text, explanation in read_explanation_cache(
+                self.path, model=model, prompt_version=prompt_version
+            ).items()
+            if clean_explanation(explanation) is not None
+        }
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def lookup(self, image_key: str, raw_text: str, text: str) -> str | None:
+        explanation = self._entries.get(raw_text)
+        return explanation if explanation is not None else self._entries.get(text)
+
+
+ExplanationSource = ReleasedExplanations | CachedExplanations
+
+
+def _is_cache_file(path: Path) -> bool:
+    if path.suffix.lower() in CACHE_SUFFIXES:
+        return True
+    # A cache under another name: its first line is one cache record. Only the start is read (released files are
+    # hundreds of MB, often on one line).
+    with path.open(encoding="utf-8") as handle:
+        first_line = handle.readline(1 << 16)
+    try:
+        record = json.loads(first_line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and {"text", "ok"} <= record.keys()
+
+
+class ExplanationSources:
+    """The explanation files of each split, opened one split at a time (released files can be large)."""
+
+    def __init__(self, per_split: dict[str, list[Path]], shared: list[Path], model, prompt_version):
+        self.per_split = per_split
+        self.shared = shared
+        self.model = model
+        self.prompt_version = prompt_version
+        self._shared_sources: list[ExplanationSource] | None = None
+
+    def describe(self) -> list[str]:
+        files = [str(path) for paths in self.per_split.values() for path in paths] + [str(path) for path in self.shared]
+        return list(dict.fromkeys(files))
+
+    def _open(self, path: Path) -> ExplanationSource:
+        if _is_cache_file(path):
+            return CachedExplanations(path, self.model, self.prompt_version)
+        return ReleasedExplanations(path)
+
+    def for_split(self, split: str) -> list[ExplanationSource]:
+        """Sources tried in order for the rows of `split`: its own released files first, then the shared files."""
+        if self._shared_sources is None:
+            self._shared_sources = [self._open(path) for path in self.shared]
+        return [self._open(path) for path in self.per_split.get(split, [])] + self._shared_sources
+
+
+def resolve_explanations(
+    fmt: EntityFormat,
+    root: Path,
+    splits: Sequence[str],
+    explanations,
+    model: str | None = None,
+    prompt_version: str | None = None,
+) -> ExplanationSources:
+    """Turn the `explanations` argument of `load_entity_dataset` into files.
+
+    - None: no files.
+    - "auto": per split, the dataset's released file (e.g. `news/CapDsc_mistral_dev.json` for N24News validation)
+      in its usual place or in `root/explanations/`; plus every cache file `root/explanations/*.jsonl`.
+    - a path or a list of paths: a folder is searched like "auto" searches `root/explanations/`; a file is a
+      released file (a JSON object) or a cache file (JSON lines) and applies to every split.
+    """
+    per_split: dict[str, list[Path]] = {split: [] for split in splits}
+    shared: list[Path] = []
+
+    def search_folder(folder: Path, subdirs: tuple[str, ...], caches: bool = True) -> None:
+        for split in splits:
+            found = fmt.released_explanation_file(folder, split, subdirs)
+            if found is not None:
+                per_split[split].append(found)
+        if caches:
+            shared.extend(sorted(path for path in folder.iterdir() if path.suffix.lower() in CACHE_SUFFIXES))
+
+    if explanations is None:
+        pass
+    elif isinstance(explanations, str) and explanations == "auto":
+        # Not the caches in root itself: the plain format's split files are .jsonl too.
+        search_folder(root, fmt.explanation_dirs, caches=False)
+        if (root / EXPLANATIONS_SUBDIR).is_dir():
+            search_folder(root / EXPLANATIONS_SUBDIR, ("",))
+    else:
+        paths = [explanations] if isinstance(explanations, (str, os.PathLike)) else list(explanations)
+        for path in map(Path, paths):
+            path = path.expanduser()
+            if path.is_dir():
+                search_folder(path, ("",))
+            elif path.is_file():
+                shared.append(path)
+            else:
+                raise FileNotFoundError(f"explanation file or folder not found: {path}")
+    return ExplanationSources(per_split, shared, model, prompt_version)
+
+
+__all__ = [
+    "CachedExplanations",
+    "ExplanationSources",
+    "ReleasedExplanations",
+    "clean_explanation",
+    "resolve_explanations",
+]

@@ -1,0 +1,127 @@
+"""Bad-data accounting: what each loader found wrong, per split, with the first few offending ids."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# Problems whose rows are left out of the dataset (an unusable pair), in the order the loader checks them: a row
+# is counted once, under the first problem found.
+EXCLUDED_PROBLEMS = ("bad_record", "empty_text", "broken_image", "missing_image", "corrupt_image")
+# Problems reported but kept: the pair is still usable.
+KEPT_PROBLEMS = ("duplicate_id", "missing_explanation")
+# What `strict=True` turns into an error. Not `broken_image` (GoodNews' own list of images to skip: leaving them
+# out is the dataset's documented behaviour) nor `missing_explanation` (explanations are optional by design).
+STRICT_PROBLEMS = ("bad_record", "empty_text", "missing_image", "corrupt_image", "duplicate_id")
+
+PROBLEM_LABELS = {
+    "bad_record": "bad record (required field missing or not a string)",
+    "empty_text": "empty text",
+    "broken_image": "listed in broken_images.txt",
+    "missing_image": "missing image file",
+    "corrupt_image": "unreadable image file",
+    "duplicate_id": "duplicate id",
+    "missing_explanation": "no explanation",
+}
+
+
+class DataError(ValueError):
+    """Raised by ``load_entity_dataset(..., strict=True)`` when the data has problems; carries the report."""
+
+    def __init__(self, report: DataReport):
+        self.report = report
+        super().__init__(
+            "bad data (strict=True; pass strict=False to exclude bad rows and continue):\n" + report.summary()
+        )
+
+
+@dataclass
+class Issue:
+    """How many rows have one problem, and the first few of them as (id, detail) pairs."""
+
+    count: int = 0
+    examples: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, sample_id: str, detail: str, max_examples: int) -> None:
+        self.count += 1
+        if len(self.examples) < max_examples:
+            self.examples.append((sample_id, detail))
+
+
+@dataclass
+class SplitReport:
+    """The accounting of one split: rows read from `source`, rows kept, and each problem's count and examples."""
+
+    split: str
+    source: str
+    rows_read: int = 0
+    rows_kept: int = 0
+    issues: dict[str, Issue] = field(default_factory=lambda: {name: Issue() for name in PROBLEM_LABELS})
+
+    def count(self, problem: str) -> int:
+        return self.issues[problem].count
+
+    @property
+    def rows_excluded(self) -> int:
+        return sum(self.count(problem) for problem in EXCLUDED_PROBLEMS)
+
+
+@dataclass
+class DataReport:
+    """What a loader found in a dataset: per split, rows read and kept, and every problem with example ids.
+
+    `str(report)` is the printed summary; `to_dict()` is a JSON-serialisable copy (for logs of long jobs).
+    """
+
+    dataset: str
+    root: str
+    image_check: str
+    explanation_sources: list[str] = field(default_factory=list)
+    splits: dict[str, SplitReport] = field(default_factory=dict)
+
+    def count(self, problem: str) -> int:
+        return sum(split.count(problem) for split in self.splits.values())
+
+    @property
+    def has_strict_problems(self) -> bool:
+        return any(self.count(problem) for problem in STRICT_PROBLEMS)
+
+    @property
+    def has_problems(self) -> bool:
+        return any(self.count(problem) for problem in PROBLEM_LABELS)
+
+    def summary(self) -> str:
+        sources = ", ".join(self.explanation_sources) if self.explanation_sources else "none"
+        lines = [
+            f"{self.dataset} at {self.root} (image check: {self.image_check}; explanations: {sources})",
+        ]
+        for split in self.splits.values():
+            lines.append(f"  {split.split}: {split.rows_kept} kept of {split.rows_read} rows read from {split.source}")
+            for problem in EXCLUDED_PROBLEMS + KEPT_PROBLEMS:
+                issue = split.issues[problem]
+                if not issue.count:
+                    continue
+                action = "excluded" if problem in EXCLUDED_PROBLEMS else "kept"
+                examples = "; ".join(
+                    f"{sample_id} ({detail})" if detail else sample_id for sample_id, detail in issue.examples
+                )
+                more = ", ..." if issue.count > len(issue.examples) else ""
+                lines.append(f"    {action}, {PROBLEM_LABELS[problem]}: {issue.count} (e.g. {examples}{more})")
+        return "\n".join(lines)
+
+    __str__ = summary
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+__all__ = [
+    "EXCLUDED_PROBLEMS",
+    "KEPT_PROBLEMS",
+    "STRICT_PROBLEMS",
+    "DataError",
+    "DataReport",
+    "Issue",
+    "SplitReport",
+]

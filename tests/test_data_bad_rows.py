@@ -1,0 +1,172 @@
+"""Bad data: every kind is counted and reported with example ids, bad pairs are left out, strict mode raises."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from entityclip_hf.data import DataError, load_entity_dataset
+from entityclip_hf.data.loading import image_error
+
+
+def write_jpeg(path: Path, colour=(30, 120, 200), size=16) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), colour).save(path, format="JPEG")
+
+
+def write_truncated_jpeg(path: Path) -> None:
+    # A real photo-like JPEG cut in half: its header is intact, its pixels are not.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.effect_noise((32, 32), 60).convert("RGB")
+    image.save(path, format="JPEG", quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.fixture
+def messy(tmp_path):
+    """A JSON-lines dataset with one row of every problem (and two good rows)."""
+    root = tmp_path / "messy"
+    write_jpeg(root / "img" / "good1.jpg")
+    write_jpeg(root / "img" / "good2.jpg")
+    write_jpeg(root / "img" / "dup.jpg")
+    write_jpeg(root / "img" / "empty.jpg")
+    (root / "img" / "garbage.jpg").write_bytes(b"this is not an image at all")
+    write_truncated_jpeg(root / "img" / "truncated.jpg")
+    lines = [
+        json.dumps({"id": "good1", "image": "img/good1.jpg", "text": "Alpha in Rome.", "explanation": "Alpha is."}),
+        json.dumps({"id": "good2", "image": "img/good2.jpg", "text": "Beta in Oslo."}),  # no explanation: kept
+        json.dumps({"id": "good1", "image": "img/dup.jpg", "text": "Gamma.", "explanation": "Dup."}),  # kept
+        json.dumps({"id": "blank", "image": "img/empty.jpg", "text": "  \n "}),
+        json.dumps({"id": "null-text", "image": "img/empty.jpg", "text": None}),
+        json.dumps({"id": "gone", "image": "img/missing.jpg", "text": "Delta.", "explanation": "x"}),
+        json.dumps({"id": "garbage", "image": "img/garbage.jpg", "text": "Epsilon.", "explanation": "x"}),
+        json.dumps({"id": "truncated", "image": "img/truncated.jpg", "text": "Zeta.", "explanation": "x"}),
+        json.dumps({"id": "no-image", "text": "Eta."}),
+        json.dumps({"id": "number-text", "image": "img/good1.jpg", "text": 42}),
+        '{"id": "torn", "image": "img/go',  # a line cut by a crash
+        json.dumps(["not", "an", "object"]),
+    ]
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def test_every_problem_is_counted_with_ids_and_bad_pairs_are_left_out(messy, caplog):
+    with caplog.at_level(logging.WARNING, logger="entityclip_hf.data"):
+        dataset, report = load_entity_dataset("jsonl", messy, return_report=True)
+    train = dataset["train"]
+    # good1, good2, the duplicate id, and the truncated JPEG (its header is fine: the default check is cheap).
+    assert train["id"] == ["good1", "good2", "good1", "truncated"]
+    split = report.splits["train"]
+    assert split.rows_read == 12 and split.rows_kept == 4
+    assert split.count("empty_text") == 2
+    assert [sample_id for sample_id, _ in split.issues["empty_text"].examples] == ["blank", "null-text"]
+    assert split.count("missing_image") == 1
+    sample_id, detail = split.issues["missing_image"].examples[0]
+    assert sample_id == "gone" and "missing.jpg" in detail
+    assert split.count("corrupt_image") == 1
+    sample_id, detail = split.issues["corrupt_image"].examples[0]
+    assert sample_id == "garbage" and "UnidentifiedImageError" in detail
+    assert split.count("bad_record") == 4
+    reasons = dict(split.issues["bad_record"].examples)
+    assert "no field 'image'" in reasons["no-image"]
+    assert "'text' is int" in reasons["number-text"]
+    assert "not valid JSON" in reasons["train-11"]
+    assert "list, not an object" in reasons["train-12"]
+    assert split.count("duplicate_id") == 1 and split.issues["duplicate_id"].examples[0][0] == "good1"
+    assert split.count("missing_explanation") == 1
+    assert split.issues["missing_explanation"].examples == [("good2", "")]
+    # Each excluded row is counted once, so the counts add up.
+    assert split.rows_excluded == split.rows_read - split.rows_kept
+    # The summary is printed (logged as a warning) with the ids.
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "missing image file: 1 (e.g. gone" in logged
+    assert "unreadable image file: 1 (e.g. garbage" in logged
+    assert "empty text: 2 (e.g. blank; null-text)" in logged
+    assert "duplicate id: 1 (e.g. good1)" in logged
+    assert json.loads(json.dumps(report.to_dict()))["splits"]["train"]["rows_kept"] == 4
+
+
+def test_decode_check_also_finds_truncated_files(messy):
+    dataset, report = load_entity_dataset("jsonl", messy, check_images="decode", return_report=True)
+    assert "truncated" not in dataset["train"]["id"]
+    assert {sample_id for sample_id, _ in report.splits["train"].issues["corrupt_image"].examples} == {
+        "garbage",
+        "truncated",
+    }
+
+
+def test_no_image_check_keeps_existing_but_unreadable_files(messy):
+    dataset, report = load_entity_dataset("jsonl", messy, check_images="none", return_report=True)
+    assert "garbage" in dataset["train"]["id"] and "gone" not in dataset["train"]["id"]
+    assert report.count("corrupt_image") == 0 and report.count("missing_image") == 1
+    with pytest.raises(ValueError, match="check_images"):
+        load_entity_dataset("jsonl", messy, check_images="full")
+
+
+def test_strict_mode_raises_with_the_report(messy):
+    with pytest.raises(DataError) as error:
+        load_entity_dataset("jsonl", messy, strict=True)
+    message = str(error.value)
+    assert "strict=True" in message and "missing image file: 1 (e.g. gone" in message
+    assert error.value.report.count("corrupt_image") == 1
+
+
+def test_strict_mode_accepts_clean_data_and_rows_without_explanations(tmp_path):
+    root = tmp_path / "clean"
+    write_jpeg(root / "a.jpg")
+    (root / "test.jsonl").write_text(json.dumps({"image": "a.jpg", "text": "Fine."}) + "\n")
+    dataset, report = load_entity_dataset("jsonl", root, strict=True, return_report=True)
+    assert len(dataset["test"]) == 1 and report.count("missing_explanation") == 1
+
+
+def test_max_examples_caps_the_ids_but_not_the_count(tmp_path):
+    root = tmp_path / "many"
+    lines = [json.dumps({"id": f"r{index}", "image": f"img/{index}.jpg", "text": "Lost."}) for index in range(7)]
+    write_jpeg(root / "img" / "ok.jpg")
+    lines.append(json.dumps({"id": "ok", "image": "img/ok.jpg", "text": "Kept."}))
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    dataset, report = load_entity_dataset("jsonl", root, max_examples=3, return_report=True)
+    issue = report.splits["train"].issues["missing_image"]
+    assert issue.count == 7 and [sample_id for sample_id, _ in issue.examples] == ["r0", "r1", "r2"]
+    assert "(e.g. r0 (" in report.summary() and ", ...)" in report.summary()
+    assert dataset["train"]["id"] == ["ok"]
+
+
+def test_a_split_with_every_row_bad_is_empty_not_an_error(tmp_path):
+    root = tmp_path / "allbad"
+    write_jpeg(root / "a.jpg")
+    (root / "train.jsonl").write_text(json.dumps({"image": "a.jpg", "text": "Fine."}) + "\n")
+    (root / "test.jsonl").write_text(json.dumps({"image": "gone.jpg", "text": "Lost."}) + "\n")
+    dataset, report = load_entity_dataset("jsonl", root, return_report=True)
+    assert len(dataset["test"]) == 0 and dataset["test"].column_names == ["id", "image", "text", "explanation"]
+    assert report.splits["test"].count("missing_image") == 1
+
+
+def test_image_check_is_cached_and_redone_when_a_file_changes(messy, tmp_path):
+    cache_dir = tmp_path / "cache"
+    first = load_entity_dataset("jsonl", messy, cache_dir=str(cache_dir))
+    files_after_first = sorted(path.name for path in cache_dir.rglob("*.arrow"))
+    second = load_entity_dataset("jsonl", messy, cache_dir=str(cache_dir))
+    # Nothing new written: the rows and the image check come from the cache.
+    assert sorted(path.name for path in cache_dir.rglob("*.arrow")) == files_after_first
+    assert second["train"]["id"] == first["train"]["id"]
+    # Replacing an image file (same path) changes its size/mtime: the check runs again and sees it.
+    (messy / "img" / "good2.jpg").write_bytes(b"now broken")
+    third, report = load_entity_dataset("jsonl", messy, cache_dir=str(cache_dir), return_report=True)
+    assert "good2" not in third["train"]["id"]
+    assert [sample_id for sample_id, _ in report.splits["train"].issues["corrupt_image"].examples] == [
+        "good2",
+        "garbage",
+    ]
+
+
+def test_image_error_reports_instead_of_raising(tmp_path):
+    write_jpeg(tmp_path / "ok.jpg")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    assert image_error(str(tmp_path / "ok.jpg"), "header") is None
+    assert image_error(str(tmp_path / "ok.jpg"), "decode") is None
+    assert image_error(str(tmp_path / "bad.png"), "header") is not None
+    assert "FileNotFoundError" in image_error(str(tmp_path / "none.jpg"), "header")
