@@ -288,8 +288,10 @@ def test_explanation_caches_join_by_text(tmp_path, n24news):
 
 
 def test_explanations_none_and_explicit_released_file(n24news, tmp_path):
-    dataset = load_entity_dataset("n24news", n24news, explanations=None, splits=["train"])
+    dataset, report = load_entity_dataset("n24news", n24news, explanations=None, splits=["train"], return_report=True)
     assert dataset["train"]["explanation"] == [None, None]
+    # Asked for none: their absence is not a problem to report.
+    assert report.count("missing_explanation") == 0 and not report.has_problems
     other = tmp_path / "other.json"
     write_json(other, {"5a1c.jpg": "From another file."})
     dataset = load_entity_dataset("n24news", n24news, explanations=[other], splits=["train"])
