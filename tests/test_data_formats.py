@@ -194,6 +194,21 @@ def test_goodnews_resized_folder_broken_list_and_corrected_explanations(tmp_path
     assert "listed in broken_images.txt: 1" in report.summary()
 
 
+def test_bad_json_records_are_named_by_id_or_position(n24news):
+    records = json.loads((n24news / "news" / "nytimes_train.json").read_text())
+    del records[0]["caption"]
+    records.append("not a record")
+    records.append({"caption": "No image id."})
+    write_json(n24news / "news" / "nytimes_train.json", records)
+    dataset, report = load_entity_dataset("n24news", n24news, splits=["train"], return_report=True)
+    assert dataset["train"]["id"] == ["5a1c"]
+    assert report.splits["train"].issues["bad_record"].examples == [
+        ("5a1b", "record 0: no field 'caption'"),
+        ("record 2", "record is str, not an object"),
+        ("record 3", "record 3: no field 'image_id'"),
+    ]
+
+
 def test_goodnews_without_an_image_folder_explains_the_layout(tmp_path):
     root = tmp_path / "GoodNews"
     write_json(root / "new_goodnews_capim_test.json", [{"image_id": "a_0.jpg", "captioning": "x", "title": "t"}])

@@ -112,15 +112,15 @@ class EntityCLIPCollator:
             raise ValueError("EntityCLIPCollator got an empty batch")
         prepared: list[tuple[str, tuple]] = []
         good_rows: list[Mapping[str, Any]] = []
-        bad: list[tuple[int, str, str]] = []
+        bad: list[str] = []
         for index, row in enumerate(rows):
             try:
                 prepared.append((self._row_id(row, index), self._prepare(row, index)))
                 good_rows.append(row)
             except ValueError as error:
-                bad.append((index, self._row_id(row, index), str(error)))
+                bad.append(f"{self._row_id(row, index)}: {error}")
         if bad:
-            described = "; ".join(f"{row_id}: {error}" for _, row_id, error in bad)
+            described = "; ".join(bad)
             if self.on_bad_row == "raise":
                 raise ValueError(f"bad rows in batch: {described}")
             if not prepared:

@@ -118,6 +118,8 @@ class EntityFormat(ABC):
     explanation_dirs: tuple[str, ...] = ("",)
     explanation_prefixes: tuple[str, ...] = ("CapDsc_mistral_",)
     metadata_columns: tuple[str, ...] = ()
+    # The field holding a record's id (JSON formats), to name bad records.
+    id_field: str = "id"
 
     def split_names(self, split: str) -> tuple[str, ...]:
         return self.validation_names if split == "validation" else (split,)
@@ -164,7 +166,10 @@ class EntityFormat(ABC):
             try:
                 yield read_one(key, record)
             except _BadField as error:
-                yield BadRecord(where, str(error))
+                # Named by its own id when it has one, by its position otherwise; the reason says both.
+                sample_id = record.get(self.id_field)
+                usable = isinstance(sample_id, (str, int)) and not isinstance(sample_id, bool)
+                yield BadRecord(str(sample_id) if usable else where, f"{where}: {error}")
 
 
 class N24NewsFormat(EntityFormat):
@@ -177,6 +182,7 @@ class N24NewsFormat(EntityFormat):
     validation_names = ("dev", "val", "validation", "valid")
     explanation_dirs = ("news", "")
     metadata_columns = ("section", "headline")
+    id_field = "image_id"
 
     def split_file_candidates(self, root, split):
         return [root / "news" / f"nytimes_{name}.json" for name in self.split_names(split)]
@@ -250,6 +256,7 @@ class GoodNewsFormat(EntityFormat):
     explanation_dirs = ("train_cap_individual", "")
     explanation_prefixes = ("New_Corr_CapDsc_mistral_", "CapDsc_mistral_")
     metadata_columns = ("title",)
+    id_field = "image_id"
 
     def split_file_candidates(self, root, split):
         return [root / f"new_goodnews_capim_{name}.json" for name in self.split_names(split)]
