@@ -1,0 +1,554 @@
+"""Fine-tune EntityCLIP with Accelerate: train, evaluate retrieval, keep the best model, optionally push it to the Hub.
+
+Every flag defaults to something that runs on a laptop CPU (a tiny model trained from scratch on the built-in demo
+dataset). A JSON config file gives a whole recipe and `--key=value` flags override it (nanoGPT style):
+
+    python examples/finetune.py --config examples/configs/demo.json
+    accelerate launch examples/finetune.py --config examples/configs/paper_vitb32.json --dataset_root /data/n24news
+    accelerate launch --multi_gpu --num_processes 2 examples/finetune.py --cpu ...   # 2 CPU processes (gloo)
+
+Outputs in --output_dir: `checkpoints/step_N` (Accelerate state: resume with --resume), `best/` and `final/`
+(`save_pretrained` folders that `AutoModel.from_pretrained(folder, trust_remote_code=True)` loads), `train_log.jsonl`
+(one line per step and per evaluation) and the trackers' logs (--report_to).
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoConfig, CLIPImageProcessorPil, CLIPTokenizer, get_scheduler
+
+from entityclip_hf import EntityCLIPConfig, EntityCLIPModel
+from entityclip_hf.data import EntityCLIPCollator, lazy_images, load_entity_dataset, make_demo_dataset
+from entityclip_hf.losses import contrastive_loss
+from entityclip_hf.metrics import retrieval_metrics
+from entityclip_hf.processing_entityclip import EntityCLIPProcessor
+from entityclip_hf.tiny_models import tiny_clip_config, tiny_image_processor, train_bpe_tokenizer
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "explanation_input_ids", "explanation_attention_mask")
+LOSS_NAMES = ("loss", "contrastive_loss", "expert_contrastive_loss", "itm_loss")
+STATE_FILE = "trainer_state.json"
+RUN_OUTPUTS = ("checkpoints", "best", "final", "train_log.jsonl", "results.json")  # --overwrite_output_dir deletes
+
+
+def str2bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    flag = dict(type=str2bool, nargs="?", const=True)  # `--x`, `--x=true`, `--x=false`
+    p.add_argument("--config", help="JSON file of flag values; command-line flags override it")
+    # model
+    p.add_argument("--model", default="tiny", help="'tiny' (from scratch), a CLIP checkpoint, or an EntityCLIP one")
+    p.add_argument("--beta", type=float, help="weight of the expert contrastive loss (default: the model's, 0.1)")
+    p.add_argument("--gamma", type=float, help="weight of the GI-ITM loss (default: the model's, 0.1)")
+    p.add_argument("--tiny_hidden_size", type=int, default=64, help="--model tiny: width of both towers")
+    p.add_argument("--tiny_num_layers", type=int, default=2, help="--model tiny: layers of both towers")
+    p.add_argument("--tiny_image_size", type=int, default=32, help="--model tiny: image side in pixels")
+    p.add_argument("--tiny_patch_size", type=int, default=8, help="--model tiny: ViT patch side in pixels")
+    p.add_argument("--tiny_vocab_size", type=int, default=1000, help="--model tiny: BPE trained on the train texts")
+    # data
+    p.add_argument("--dataset", default="demo", help="'demo' (built-in, generated), or a load_entity_dataset name")
+    p.add_argument("--dataset_root", help="dataset folder (for 'demo': where it is generated; default output_dir/data)")
+    p.add_argument("--demo_entities", type=int, default=24, help="--dataset demo: number of made-up entities")
+    p.add_argument("--demo_captions", type=int, default=8, help="--dataset demo: captions (pairs) per entity")
+    p.add_argument("--explanations", help="explanation files or cache folders, comma-separated (default: auto)")
+    p.add_argument("--check_images", default="header", help="loader's image check: header, decode or none (fast)")
+    p.add_argument("--eval_split", default="validation", help="split used for evaluation and the best checkpoint")
+    p.add_argument("--test_split", default="test", help="split on which best/ is finally evaluated ('': none)")
+    p.add_argument("--max_train_samples", type=int, help="use only the first N training pairs")
+    p.add_argument("--max_eval_samples", type=int, help="evaluate on the first N pairs of --eval_split")
+    p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    # optimisation
+    p.add_argument("--batch_size", type=int, default=32, help="pairs per process per step (global = x processes)")
+    p.add_argument("--eval_batch_size", type=int, default=64, help="pairs per process per evaluation batch")
+    p.add_argument("--learning_rate", type=float, default=1e-5)
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decay (never on biases, norms, scales)")
+    p.add_argument("--adam_beta1", type=float, default=0.9)
+    p.add_argument("--adam_beta2", type=float, default=0.999)
+    p.add_argument("--adam_epsilon", type=float, default=1e-8)
+    p.add_argument("--lr_scheduler", default="cosine", help="transformers scheduler name (cosine, linear, constant)")
+    p.add_argument("--warmup_steps", type=int, default=0)
+    p.add_argument("--max_grad_norm", type=float, default=0.0, help="clip gradients to this norm (0: no clipping)")
+    p.add_argument("--num_epochs", type=int, default=1)
+    p.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: num_epochs)")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--mixed_precision", default=None, choices=["no", "bf16", "fp16"], help="default: accelerate's")
+    p.add_argument("--gradient_checkpointing", default=False, **flag)
+    p.add_argument("--compile", default=False, help="torch.compile the model (inductor)", **flag)
+    p.add_argument(
+        "--cpu", default=False, help="train on CPU even if a GPU is there (also: several CPU processes)", **flag
+    )
+    p.add_argument("--seed", type=int, default=42)
+    # evaluation, checkpoints, outputs
+    p.add_argument("--output_dir", default="outputs/entityclip")
+    p.add_argument("--eval_every", type=int, default=0, help="evaluate every N steps (0: at the end of each epoch)")
+    p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: at the end of each epoch)")
+    p.add_argument("--keep_checkpoints", type=int, default=2, help="how many step checkpoints to keep")
+    p.add_argument(
+        "--best_metric",
+        default="rsum",
+        help="eval metric that picks best/: rsum, contrastive_loss (the paper), i2t_R@1, ...",
+    )
+    p.add_argument("--log_every", type=int, default=10, help="log the training losses every N steps")
+    p.add_argument("--resume", nargs="?", const="latest", help="continue from a checkpoint folder, or the latest one")
+    p.add_argument(
+        "--overwrite_output_dir", default=False, help="start afresh: delete an earlier run's outputs", **flag
+    )
+    p.add_argument("--report_to", default="none", help="Accelerate trackers: tensorboard, wandb, all, none, ...")
+    p.add_argument("--push_to_hub", default=False, help="push best/ with a model card to --hub_model_id", **flag)
+    p.add_argument("--hub_model_id", help="Hub repository id (user/name) for --push_to_hub")
+    p.add_argument("--hub_private", default=False, help="create the Hub repository as private", **flag)
+    p.add_argument("--crash_after_step", type=int, help="testing: exit hard (no cleanup) after this step")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Flags, with defaults taken from --config (a JSON object of flag names; keys starting with _ are comments)."""
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        with open(known.config) as f:
+            values = {key: value for key, value in json.load(f).items() if not key.startswith("_")}  # _: comments
+        flags = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - flags)
+        if unknown:
+            parser.error(f"{known.config}: unknown keys {unknown}")
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------- model & data
+def build_model_and_processor(args, train_texts):
+    """The model to fine-tune and its processor, from --model (tiny | CLIP checkpoint | EntityCLIP checkpoint)."""
+    heads = {key: getattr(args, key) for key in ("beta", "gamma") if getattr(args, key) is not None}
+    if args.model == "tiny":
+        # A tokenizer trained on the training texts: a tiny model learns faster from a vocabulary of its own domain.
+        tokenizer = train_bpe_tokenizer(train_texts, vocab_size=args.tiny_vocab_size)
+        clip_config = tiny_clip_config(
+            tokenizer,
+            hidden_size=args.tiny_hidden_size,
+            num_layers=args.tiny_num_layers,
+            image_size=args.tiny_image_size,
+            patch_size=args.tiny_patch_size,
+            projection_dim=args.tiny_hidden_size,
+        )
+        processor = EntityCLIPProcessor(tiny_image_processor(args.tiny_image_size), tokenizer)
+        return EntityCLIPModel(EntityCLIPConfig(clip_config=clip_config, **heads)), processor
+    model_type = AutoConfig.from_pretrained(args.model).model_type
+    if model_type == "clip":
+        model = EntityCLIPModel.from_clip_pretrained(args.model, dtype=torch.float32, **heads)
+        image_processor = CLIPImageProcessorPil.from_pretrained(args.model)
+        processor = EntityCLIPProcessor(image_processor, CLIPTokenizer.from_pretrained(args.model))
+        return model, processor
+    if model_type == EntityCLIPConfig.model_type:
+        model = EntityCLIPModel.from_pretrained(args.model, dtype=torch.float32, **heads)
+        return model, EntityCLIPProcessor.from_pretrained(args.model)
+    raise ValueError(f"--model {args.model}: a {model_type!r} checkpoint; expected 'tiny', CLIP or EntityCLIP")
+
+
+def load_datasets(args, accelerator):
+    """The DatasetDict to train on (images left undecoded until the collator: a damaged file is its business)."""
+    name, root = args.dataset, args.dataset_root
+    if name == "demo":
+        root = root or os.path.join(args.output_dir, "data")
+        with accelerator.main_process_first():  # the main process builds it, the others then find it complete
+            make_demo_dataset(root, num_entities=args.demo_entities, captions_per_entity=args.demo_captions)
+        name = "jsonl"  # the demo is written in the plain JSON-lines format
+    elif root is None:
+        raise ValueError(f"--dataset {name} needs --dataset_root (the folder holding its files)")
+    explanations = args.explanations.split(",") if args.explanations else "auto"
+    with accelerator.main_process_first():  # datasets' cache is written once
+        datasets = lazy_images(
+            load_entity_dataset(name, root, explanations=explanations, check_images=args.check_images)
+        )
+    if args.max_train_samples:
+        datasets["train"] = datasets["train"].select(range(min(args.max_train_samples, len(datasets["train"]))))
+    for split in (args.eval_split, args.test_split):
+        if split in datasets and args.max_eval_samples:
+            datasets[split] = datasets[split].select(range(min(args.max_eval_samples, len(datasets[split]))))
+    return datasets
+
+
+def make_dataloaders(args, datasets, processor):
+    """Training loader, then evaluation loaders for --eval_split and --test_split (None where the split is absent)."""
+    collator = EntityCLIPCollator(processor)
+    # Seeded generators: the shuffle order (Accelerate's seedable sampler reseeds it per epoch) and the DataLoader's
+    # own draw of worker seeds never touch the global torch RNG, whose state `save_state` restores on resume.
+    train = DataLoader(
+        datasets["train"],
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,  # every process needs the same number of rows for the all-gathered contrastive loss
+        collate_fn=collator,
+        num_workers=args.num_workers,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    evaluation = [
+        DataLoader(
+            datasets[split],
+            batch_size=args.eval_batch_size,
+            collate_fn=collator,
+            num_workers=args.num_workers,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+        if split and split in datasets
+        else None
+        for split in (args.eval_split, args.test_split)
+    ]
+    return train, *evaluation
+
+
+def make_optimizer(args, model, device):
+    """AdamW; no weight decay on biases, norms, gains and `logit_scale` (as open_clip)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if param.ndim < 2 or "bias" in leaf or leaf.startswith("ln_") or "logit_scale" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        fused=device.type == "cuda" or None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model, loader, accelerator, args) -> dict[str, float]:
+    """Retrieval metrics (R@K both directions, rsum) and the validation contrastive loss on the whole eval split.
+
+    Embeddings are CLIP's (what retrieval uses), gathered from every process in dataset order.
+    """
+    model.eval()
+    image_embeds, text_embeds = [], []
+    for batch in loader:
+        output = model(**{key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values")})
+        image_embeds.append(accelerator.gather_for_metrics(output.image_embeds.float().contiguous()))
+        text_embeds.append(accelerator.gather_for_metrics(output.text_embeds.float().contiguous()))
+    model.train()
+    image_embeds, text_embeds = torch.cat(image_embeds).cpu(), torch.cat(text_embeds).cpu()
+    metrics = retrieval_metrics(image_embeds, text_embeds, chunk_size=4096)
+    # The paper's selection criterion: mean contrastive loss over consecutive eval batches (independent of the
+    # number of processes, since it is computed on the gathered embeddings).
+    logit_scale = accelerator.unwrap_model(model).clip.logit_scale.detach()
+    logit_scale = getattr(logit_scale, "full_tensor", lambda: logit_scale)().float().cpu()  # FSDP2: a DTensor
+    losses = [
+        contrastive_loss(image_embeds[i : i + args.eval_batch_size], text_embeds[i : i + args.eval_batch_size],
+                         logit_scale, gather=False)[0]
+        for i in range(0, len(image_embeds), args.eval_batch_size)
+    ]  # fmt: skip
+    metrics["contrastive_loss"] = torch.stack(losses).mean().item()
+    return metrics
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    parts = [
+        f"{d} R@1 {metrics[f'{d}_R@1']:.1f} R@5 {metrics[f'{d}_R@5']:.1f} R@10 {metrics[f'{d}_R@10']:.1f}"
+        for d in ("i2t", "t2i")
+    ]
+    return " | ".join(parts + [f"rsum {metrics['rsum']:.1f}", f"contrastive loss {metrics['contrastive_loss']:.4f}"])
+
+
+def is_better(value: float, best: float | None, metric: str) -> bool:
+    if best is None:
+        return True
+    return value < best if metric.endswith("loss") or metric.endswith("rank") else value > best
+
+
+# ----------------------------------------------------------------------------------------------------- saving
+def replace_dir(tmp: str, final: str) -> None:
+    """Move the finished folder `tmp` to `final`, so that `final` is never a half-written folder."""
+    old = final + ".old"
+    if os.path.exists(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model_folder(accelerator, model, processor, path: str) -> None:
+    """`save_pretrained` of model (safetensors, code files for trust_remote_code) and processor, atomically."""
+    state_dict = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed: every process calls it
+    if accelerator.is_main_process:
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+        processor.save_pretrained(tmp)
+        replace_dir(tmp, path)
+    accelerator.wait_for_everyone()
+
+
+def load_model_folder(model, path: str) -> None:
+    """Load the weights of a `save_pretrained` folder into `model` in place (to evaluate best/ on the test split)."""
+    saved = EntityCLIPModel.from_pretrained(path, dtype=torch.float32)
+    model.load_state_dict(saved.state_dict())
+
+
+def checkpoint_steps(output_dir: str) -> list[int]:
+    """Steps of the complete checkpoints in output_dir/checkpoints, oldest first."""
+    folder = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(folder):
+        return []
+    names = [m.group(1) for m in map(re.compile(r"step_(\d+)$").match, os.listdir(folder)) if m]
+    return sorted(int(n) for n in names if os.path.exists(os.path.join(folder, f"step_{n}", STATE_FILE)))
+
+
+def save_checkpoint(accelerator, args, state: dict) -> None:
+    """`save_state` (model, optimizer, scheduler, RNGs) + the loop position, written to a temp folder then renamed."""
+    folder = os.path.join(args.output_dir, "checkpoints")
+    tmp, final = os.path.join(folder, f".tmp-step_{state['step']}"), os.path.join(folder, f"step_{state['step']}")
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, STATE_FILE), "w") as f:
+            json.dump(state, f, indent=2)
+        replace_dir(tmp, final)
+        for step in checkpoint_steps(args.output_dir)[: -args.keep_checkpoints]:
+            shutil.rmtree(os.path.join(folder, f"step_{step}"), ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------------- training
+def common_rows(batch, accelerator):
+    """Trim a batch to the row count every process has: the collator may have dropped bad samples on one process,
+    and the all-gathered contrastive loss needs equal rows everywhere (a skip on one process only would hang)."""
+    rows = batch["input_ids"].shape[0]
+    if accelerator.num_processes > 1:
+        rows = int(accelerator.gather(torch.tensor([rows], device=accelerator.device)).min())
+    return {key: batch[key][:rows] for key in MODEL_INPUTS if key in batch}, rows
+
+
+def train(args) -> dict:
+    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(
+        # Without cpu=True, processes launched on a machine without GPU silently train as independent single runs.
+        cpu=args.cpu or (launched_processes > 1 and not torch.cuda.is_available()),
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=None if args.report_to == "none" else args.report_to.split(","),
+        project_dir=args.output_dir,
+        step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the number of processes
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        dynamo_backend="inductor" if args.compile else None,
+    )
+    if accelerator.num_processes != launched_processes:
+        raise RuntimeError(f"{launched_processes} processes launched but Accelerate sees {accelerator.num_processes}")
+
+    def log(message: str) -> None:  # main process only, without breaking the progress bar
+        if accelerator.is_main_process:
+            tqdm.write(message)
+
+    log(json.dumps(vars(args), indent=2))
+    set_seed(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    previous_run = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(args.output_dir, name))]
+    if previous_run and not args.resume:
+        if not args.overwrite_output_dir:
+            raise FileExistsError(
+                f"{args.output_dir} holds an earlier run ({', '.join(previous_run)}): pass --resume to continue it, "
+                "--overwrite_output_dir to replace it, or choose another --output_dir"
+            )
+        accelerator.wait_for_everyone()  # every process has looked before the main process deletes
+        if accelerator.is_main_process:
+            for name in previous_run:
+                path = os.path.join(args.output_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    accelerator.wait_for_everyone()
+    datasets = load_datasets(args, accelerator)
+    resume_dir = None
+    if args.resume:
+        steps = checkpoint_steps(args.output_dir)
+        if args.resume != "latest":
+            resume_dir = args.resume
+            if not os.path.exists(os.path.join(resume_dir, STATE_FILE)):
+                raise FileNotFoundError(f"--resume {resume_dir}: not a complete checkpoint (no {STATE_FILE})")
+        elif steps:
+            resume_dir = os.path.join(args.output_dir, "checkpoints", f"step_{steps[-1]}")
+        else:
+            log(f"--resume: no checkpoint in {args.output_dir}/checkpoints, starting from scratch")
+    model, processor = build_model_and_processor(args, datasets["train"]["text"])
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    model.to(accelerator.device)
+    optimizer = make_optimizer(args, model, accelerator.device)
+    train_loader, eval_loader, test_loader = make_dataloaders(args, datasets, processor)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if len(train_loader) == 0:
+        raise ValueError(
+            f"{len(datasets['train'])} training pairs: fewer than one batch of {args.batch_size} per process"
+        )
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)  # len: batches per process
+    total_steps = args.max_steps or args.num_epochs * steps_per_epoch
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total_steps
+    )
+    scheduler = accelerator.prepare(scheduler)
+    eval_loader, test_loader = (accelerator.prepare(x) if x is not None else None for x in (eval_loader, test_loader))
+    if eval_loader is None:
+        log(f"no '{args.eval_split}' split: no evaluation; best/ will be the final model")
+
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_value": None, "best_step": None, "initial": None}
+    if resume_dir:
+        accelerator.load_state(resume_dir)
+        with open(os.path.join(resume_dir, STATE_FILE)) as f:
+            state = json.load(f)
+        log(f"resumed from {resume_dir} at step {state['step']} (epoch {state['epoch']})")
+    accelerator.init_trackers(
+        "entityclip", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+    )
+    log_file = open(os.path.join(args.output_dir, "train_log.jsonl"), "a") if accelerator.is_main_process else None
+    if log_file:  # which run wrote the lines that follow (a resumed run repeats the steps after its checkpoint)
+        run = {"num_processes": accelerator.num_processes, "resumed_from": resume_dir, "total_steps": total_steps}
+        log_file.write(json.dumps({"step": state["step"], "run": run}) + "\n")
+
+    def write_log(record):
+        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+    def run_eval():
+        metrics = evaluate(model, eval_loader, accelerator, args)
+        log(f"eval step {state['step']}: {format_metrics(metrics)}")
+        write_log({"step": state["step"], **{f"eval/{k}": v for k, v in metrics.items()}})
+        if state["initial"] is None:
+            state["initial"] = metrics
+        if args.best_metric not in metrics:
+            raise ValueError(f"--best_metric {args.best_metric!r} is not an evaluation metric: {sorted(metrics)}")
+        value = metrics[args.best_metric]
+        if state["step"] > 0 and is_better(value, state["best_value"], args.best_metric):
+            state["best_value"], state["best_step"] = value, state["step"]
+            save_model_folder(accelerator, model, processor, os.path.join(args.output_dir, "best"))
+            log(f"new best {args.best_metric} {value:.4f}: saved {args.output_dir}/best")
+        return metrics
+
+    if eval_loader is not None and state["step"] == 0:
+        run_eval()  # R@K before training
+    progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_local_main_process)
+    sums, micro_batches, last_eval, last_saved, started = torch.zeros(len(LOSS_NAMES)), 0, None, None, time.time()
+    start_epoch, skip = state["epoch"], state["batches_in_epoch"]
+    model.train()
+    for epoch in range(start_epoch, num_epochs):
+        if state["step"] >= total_steps:  # resumed from the last checkpoint of a finished run
+            break
+        skip = skip if epoch == start_epoch else 0
+        if skip >= len(train_loader):  # the checkpoint was taken at the end of this epoch
+            continue
+        state["epoch"], state["batches_in_epoch"] = epoch, skip
+        # Resume mid-epoch: the same shuffled order (it depends only on seed and epoch), minus the consumed batches.
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        loader.set_epoch(epoch)
+        for batch in loader:
+            state["batches_in_epoch"] += 1
+            inputs, rows = common_rows(batch, accelerator)
+            if rows == 0:
+                log(f"step {state['step']}: a batch with no usable sample on some process: skipped")
+                continue
+            with accelerator.accumulate(model):
+                output = model(**inputs, return_loss=True)
+                accelerator.backward(output.loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            losses = torch.stack([getattr(output, name).detach().float() for name in LOSS_NAMES])
+            sums += accelerator.reduce(losses, "mean").cpu()  # each process's loss averaged: the global batch's
+            micro_batches += 1
+            if not accelerator.sync_gradients:
+                continue
+            accelerator.unwrap_model(model).clamp_logit_scale()
+            state["step"] += 1
+            progress.update(1)
+            record = {"step": state["step"], "epoch": epoch, "lr": scheduler.get_last_lr()[0]}
+            record.update({f"train/{n}": v for n, v in zip(LOSS_NAMES, (sums / micro_batches).tolist(), strict=True)})
+            sums, micro_batches = torch.zeros(len(LOSS_NAMES)), 0
+            write_log(record)
+            if state["step"] % args.log_every == 0:
+                progress.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['lr']:.2e}")
+            end_of_epoch = state["batches_in_epoch"] >= len(train_loader)
+            done = state["step"] >= total_steps
+            every = args.eval_every and state["step"] % args.eval_every == 0
+            if eval_loader is not None and (every or (not args.eval_every and end_of_epoch) or done):
+                last_eval = run_eval()
+            if (args.save_every and state["step"] % args.save_every == 0) or (not args.save_every and end_of_epoch):
+                save_checkpoint(accelerator, args, state)
+                last_saved = state["step"]
+            if args.crash_after_step is not None and state["step"] >= args.crash_after_step:
+                os._exit(3)  # a crash: no cleanup, no final save
+            if done:
+                break
+    progress.close()
+
+    if last_saved != state["step"]:
+        save_checkpoint(accelerator, args, state)
+    save_model_folder(accelerator, model, processor, os.path.join(args.output_dir, "final"))
+    if state["best_step"] is None:  # no evaluation after training: the final model is the best we know
+        save_model_folder(accelerator, model, processor, os.path.join(args.output_dir, "best"))
+    log(f"trained to step {state['step']} in {time.time() - started:.0f} s: saved {args.output_dir}/final and /best")
+    if state["initial"] is not None and last_eval is not None:
+        log(f"{args.eval_split} before: {format_metrics(state['initial'])}")
+        log(f"{args.eval_split} after:  {format_metrics(last_eval)}")
+    results = {"initial": state["initial"], "final": last_eval, "best_step": state["best_step"], "test": None}
+    if test_loader is not None:
+        load_model_folder(accelerator.unwrap_model(model), os.path.join(args.output_dir, "best"))
+        results["test"] = evaluate(model, test_loader, accelerator, args)
+        log(f"test (best/, step {state['best_step'] or state['step']}): {format_metrics(results['test'])}")
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    if args.push_to_hub and accelerator.is_main_process:
+        from entityclip_hf.hub import push_folder_to_hub
+
+        metrics, split = (results["test"], "test") if results["test"] else (last_eval, args.eval_split)
+        commit = push_folder_to_hub(
+            os.path.join(args.output_dir, "best"),
+            args.hub_model_id,
+            metrics=metrics,
+            dataset_name=args.dataset if metrics else None,
+            dataset_split=split,
+            training_args=vars(args),
+            private=args.hub_private,
+        )
+        log(f"pushed best/ to {args.hub_model_id}: {getattr(commit, 'commit_url', commit)}")
+    accelerator.end_training()
+    if log_file:
+        log_file.close()
+    return results
+
+
+def main(argv=None):
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,187 @@
+"""examples/finetune.py end to end on tiny things: configuration, model sources, outputs, reload, bad data, Hub push."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from huggingface_hub import HfApi
+from huggingface_hub.hf_api import RepoUrl
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+sys.path.insert(0, str(EXAMPLES))
+import finetune  # noqa: E402
+
+SMALL = [
+    "--dataset", "demo", "--demo_entities", "8", "--demo_captions", "8",  # 48 / 8 / 8 pairs
+    "--tiny_hidden_size", "32", "--tiny_image_size", "32", "--tiny_patch_size", "8",
+    "--batch_size", "8", "--eval_batch_size", "8", "--learning_rate", "5e-4",
+]  # fmt: skip
+
+
+def run(script, *args, expect=0):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(script), *map(str, args)], env=env, capture_output=True, text=True)
+    assert result.returncode == expect, result.stderr[-4000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from entityclip_hf.data import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("smoke") / "data", num_entities=8, captions_per_entity=8)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """In-process runs share Accelerate's process-wide state: reset it so that nothing leaks into other tests."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+def test_config_file_then_command_line_overrides(tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"_note": "comments start with _", "learning_rate": 0.5, "batch_size": 3}))
+    args = finetune.parse_args(["--config", str(config), "--batch_size=7", "--gradient_checkpointing"])
+    assert args.learning_rate == 0.5, "from the file"
+    assert args.batch_size == 7, "the command line wins"
+    assert args.gradient_checkpointing is True and args.num_epochs == 1, "flags and defaults"
+    config.write_text(json.dumps({"learnig_rate": 0.5}))
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--config", str(config)])  # a typo is an error, not a silently ignored key
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--push_to_hub"])  # needs --hub_model_id
+
+
+def test_paper_config_is_the_released_recipe():
+    args = finetune.parse_args(["--config", str(EXAMPLES / "configs" / "paper_vitb32.json")])
+    assert args.model == "openai/clip-vit-base-patch32" and args.dataset == "n24news"
+    assert (args.batch_size, args.learning_rate, args.num_epochs, args.seed) == (192, 1e-5, 20, 42)
+    assert (args.lr_scheduler, args.warmup_steps, args.weight_decay) == ("cosine", 0, 0.0)
+    assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon) == (0.9, 0.999, 1e-8)  # torch's Adam defaults
+    assert (args.beta, args.gamma) == (0.1, 0.1)
+    assert args.best_metric == "contrastive_loss", "the paper keeps the lowest validation contrastive loss"
+
+
+def test_demo_config_parses():
+    args = finetune.parse_args(["--config", str(EXAMPLES / "configs" / "demo.json")])
+    assert args.model == "tiny" and args.dataset == "demo" and not args.push_to_hub
+
+
+def test_no_weight_decay_on_biases_norms_and_logit_scale(tiny_clip_config):
+    from entityclip_hf import EntityCLIPConfig, EntityCLIPModel
+
+    model = EntityCLIPModel(EntityCLIPConfig(clip_config=tiny_clip_config))
+    args = finetune.parse_args(["--weight_decay", "0.1"])
+    decay, no_decay = finetune.make_optimizer(args, model, torch.device("cpu")).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    not_decayed = {names[id(p)] for p in no_decay["params"]}
+    assert len(decayed) + len(not_decayed) == len(names)
+    assert "clip.logit_scale" in not_decayed
+    assert {"vision_experts.ln_1_weight", "vision_experts.query_bias", "image_gate.bias"} <= not_decayed
+    assert not any("bias" in n or "norm" in n for n in decayed), sorted(decayed)
+    assert {"vision_experts.query_weight", "itm_head.weight", "clip.text_projection.weight"} <= decayed
+
+
+# ---------------------------------------------------------------------------------------------- the main job
+def test_train_evaluate_save_then_reload_in_a_fresh_process(tmp_path, data_root):
+    out = tmp_path / "run"
+    output = run(
+        EXAMPLES / "finetune.py", *SMALL, "--dataset_root", data_root, "--output_dir", out,
+        "--max_steps", 6, "--eval_every", 3, "--report_to", "tensorboard",
+    )  # fmt: skip
+    assert "eval step 0: i2t R@1" in output and "eval step 6: i2t R@1" in output, "one line per evaluation"
+    assert "validation before:" in output and "validation after:" in output
+    results = json.loads((out / "results.json").read_text())
+    assert results["initial"]["rsum"] >= 0 and results["final"]["rsum"] >= 0 and results["test"]["i2t_R@1"] >= 0
+    assert results["final"]["contrastive_loss"] < results["initial"]["contrastive_loss"], "it learns"
+    assert list(out.glob("**/events.out.tfevents*")), "TensorBoard tracker wrote events"
+    for folder in ("best", "final"):
+        assert {"config.json", "model.safetensors", "modeling_entityclip.py", "tokenizer.json"} <= {
+            p.name for p in (out / folder).iterdir()
+        }
+
+    # A fresh process that loads best/ through AutoModel / AutoProcessor with trust_remote_code, then searches.
+    output = run(EXAMPLES / "search_demo.py", out / "best", "--dataset", "jsonl", "--dataset_root", data_root)
+    assert "loaded transformers_modules." in output, "the model ran from the code files saved beside the weights"
+    assert output.count('query: "') == 3 and output.count("\n  5. ") == 3
+
+    # A second run into the same folder must not silently mix with the first.
+    output = run(EXAMPLES / "finetune.py", *SMALL, "--dataset_root", data_root, "--output_dir", out, expect=1)
+    assert "holds an earlier run" in output
+
+
+def test_start_from_a_clip_checkpoint_then_continue_in_bf16_with_checkpointing(tmp_path, data_root, tiny_processor):
+    from transformers import CLIPModel
+
+    from entityclip_hf.tiny_models import tiny_clip_config
+
+    clip_folder = tmp_path / "clip"
+    CLIPModel(tiny_clip_config(tiny_processor.tokenizer)).save_pretrained(clip_folder)
+    tiny_processor.tokenizer.save_pretrained(clip_folder)
+    tiny_processor.image_processor.save_pretrained(clip_folder)
+    steps = ["--max_steps", 2, "--eval_every", 2, "--test_split", ""]
+    run(EXAMPLES / "finetune.py", *SMALL, *steps, "--dataset_root", data_root, "--model", clip_folder,
+        "--output_dir", tmp_path / "from_clip")  # fmt: skip
+    config = json.loads((tmp_path / "from_clip" / "final" / "config.json").read_text())
+    assert config["model_type"] == "entityclip"
+
+    output = run(
+        EXAMPLES / "finetune.py", *SMALL, *steps, "--dataset_root", data_root,
+        "--model", tmp_path / "from_clip" / "final", "--output_dir", tmp_path / "continued",
+        "--mixed_precision", "bf16", "--gradient_checkpointing", "--gamma", "0.5",
+    )  # fmt: skip
+    assert '"mixed_precision": "bf16"' in output
+    records = [json.loads(line) for line in (tmp_path / "continued" / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert json.loads((tmp_path / "continued" / "final" / "config.json").read_text())["gamma"] == 0.5
+
+
+def test_an_undecodable_image_does_not_stop_training(tmp_path, data_root):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_root, data)
+    first = json.loads((data / "train.jsonl").read_text().splitlines()[0])
+    image = data / first["image"]
+    image.write_bytes(image.read_bytes()[:400])  # truncated: unreadable at training time
+    output = run(
+        EXAMPLES / "finetune.py", *SMALL, "--dataset", "jsonl", "--dataset_root", data, "--output_dir", tmp_path / "o",
+        "--num_epochs", 1, "--test_split", "", "--check_images", "none",  # as if it broke after loading
+    )  # fmt: skip
+    assert first["id"] in output and "replaced by good rows" in output, "the bad row is named"
+    records = [json.loads(line) for line in (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 7)), "every step of the epoch ran"
+
+
+def test_push_to_hub_uploads_best_with_a_card(tmp_path, data_root, fresh_accelerate_state):
+    uploaded = {}
+
+    def create_commit(api, repo_id, operations, **kwargs):
+        uploaded.update({op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations})
+        return mock.sentinel.commit
+
+    with (
+        mock.patch.object(HfApi, "create_repo", autospec=True, return_value=RepoUrl("https://hf.co/me/demo")),
+        mock.patch.object(HfApi, "create_commit", autospec=True, side_effect=create_commit),
+    ):
+        results = finetune.main(
+            [*SMALL, "--dataset_root", str(data_root), "--output_dir", str(tmp_path / "run"), "--max_steps", "2",
+             "--push_to_hub", "--hub_model_id", "me/demo"]
+        )  # fmt: skip
+    assert {"model.safetensors", "config.json", "modeling_entityclip.py", "README.md"} <= set(uploaded)
+    card = uploaded["README.md"].decode()
+    assert f"{results['test']['i2t_R@1']:.1f}" in card, "the card carries the test metrics of best/"
