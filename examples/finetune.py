@@ -295,10 +295,12 @@ def replace_dir(tmp: str, final: str) -> None:
 def save_model_folder(accelerator, model, processor, path: str) -> None:
     """`save_pretrained` of model (safetensors, code files for trust_remote_code) and processor, atomically."""
     state_dict = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed: every process calls it
+    # --compile: the state dict of the compiled wrapper names every weight "_orig_mod.<name>".
+    state_dict = {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
     if accelerator.is_main_process:
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(tmp, state_dict=state_dict)
         processor.save_pretrained(tmp)
         replace_dir(tmp, path)
     accelerator.wait_for_everyone()
@@ -346,6 +348,10 @@ def common_rows(batch, accelerator):
 
 def train(args) -> dict:
     launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.compile:
+        # torch 2.13's AOTAutograd cache replays this model's aliased outputs (logits_per_text is a view of
+        # logits_per_image) with garbage shapes on a warm cache: compiled training then fails from the second run on.
+        torch._functorch.config.enable_autograd_cache = False
     accelerator = Accelerator(
         # Without cpu=True, processes launched on a machine without GPU silently train as independent single runs.
         cpu=args.cpu or (launched_processes > 1 and not torch.cuda.is_available()),
@@ -520,7 +526,9 @@ def train(args) -> dict:
         log(f"{args.eval_split} after:  {format_metrics(last_eval)}")
     results = {"initial": state["initial"], "final": last_eval, "best_step": state["best_step"], "test": None}
     if test_loader is not None:
-        load_model_folder(accelerator.unwrap_model(model), os.path.join(args.output_dir, "best"))
+        load_model_folder(
+            accelerator.unwrap_model(model, keep_torch_compile=False), os.path.join(args.output_dir, "best")
+        )
         results["test"] = evaluate(model, test_loader, accelerator, args)
         log(f"test (best/, step {state['best_step'] or state['step']}): {format_metrics(results['test'])}")
     if accelerator.is_main_process:

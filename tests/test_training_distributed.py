@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
 FINETUNE = str(REPO / "examples" / "finetune.py")
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]  # `accelerate launch`, whatever is on PATH
 TWO_CPU_PROCESSES = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
 STEPS = 6
 COMMON = [
@@ -37,7 +37,7 @@ def run(output_dir, *args, processes=1):
     if processes == 1:
         command = [sys.executable, FINETUNE]
     else:
-        command = [ACCELERATE, "launch", *TWO_CPU_PROCESSES, "--dynamo_backend", "no", FINETUNE]
+        command = [*ACCELERATE, *TWO_CPU_PROCESSES, "--dynamo_backend", "no", FINETUNE]
     result = subprocess.run(
         [*command, *COMMON, "--output_dir", str(output_dir), *args], env=env, capture_output=True, text=True
     )
