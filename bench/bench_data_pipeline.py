@@ -1,0 +1,177 @@
+"""Benchmark: samples/s of the data pipeline (dataset + EntityCLIPCollator) against the training step's samples/s.
+
+The pipeline is the one training uses: `load_entity_dataset` over JSON lines, `lazy_images`, a `DataLoader` with
+`EntityCLIPCollator(processor)`: JPEG decode, CLIP preprocessing (resize the shortest edge to 224 px bicubic,
+centre crop, normalise: `CLIPImageProcessorPil`'s defaults) and tokenizing text and explanation (padding to the
+longest of the batch). The data: photo-like 400x300 JPEGs (quality 85, ~40-60 KB, like news photos) written into a
+temporary folder, with captions and explanations from the demo dataset's generator (joined to news-like lengths).
+
+The loader must not be what limits training: its samples/s with 0 and 2 DataLoader workers is compared with the
+EntityCLIP training step's samples/s at the same batch size (measured here, or passed in by bench/run_all.py from
+the training bench of the same run).
+
+    python bench/bench_data_pipeline.py
+    python bench/bench_data_pipeline.py --training-samples-per-second 2.5   # skip the training-step measurement
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import Worker, format_table, machine_summary, median
+from PIL import Image
+from transformers import CLIPImageProcessorPil
+
+from entityclip_hf import EntityCLIPProcessor
+from entityclip_hf.data import EntityCLIPCollator, lazy_images, load_entity_dataset, make_demo_dataset
+from entityclip_hf.tiny_models import train_bpe_tokenizer
+
+
+def photo_like_jpeg(path: Path, width: int, height: int, rng: np.random.Generator) -> None:
+    """A JPEG whose content compresses like a photograph: smooth shapes of colour plus fine grain."""
+    coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+    grain = rng.normal(0, 10, size=(height, width, 3))
+    pixels = np.clip(smooth + grain, 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=85)
+
+
+def write_dataset(folder: Path, num_samples: int, width: int, height: int, seed: int) -> list[str]:
+    """A JSON-lines dataset of `num_samples` rows (train split); returns the texts (to train the tokenizer on)."""
+    demo = make_demo_dataset(folder / "demo", image_size=16, seed=seed)
+    captions = [json.loads(line)["text"] for line in (demo / "train.jsonl").read_text().splitlines()]
+    explanations = list(json.loads((demo / "CapDsc_mistral_train.json").read_text()).values())
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir()
+    rows = []
+    for index in range(num_samples):
+        image = folder / "images" / f"{index:05d}.jpg"
+        photo_like_jpeg(image, width, height, rng)
+        # News captions run to a sentence or two; LLM explanations to several sentences (the processor truncates).
+        text = " ".join(captions[(index + k) % len(captions)] for k in range(2))
+        explanation = " ".join(explanations[(index + k) % len(explanations)] for k in range(4))
+        rows.append({"id": f"bench-{index}", "image": str(image), "text": text, "explanation": explanation})
+    with (folder / "train.jsonl").open("w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    return [row["text"] for row in rows] + [row["explanation"] for row in rows]
+
+
+def loader_throughput(dataset, processor, batch_size: int, num_workers: int, epochs: int) -> dict:
+    """Samples/s of iterating a DataLoader over `dataset`; the first batch (worker start-up) is timed apart."""
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        collate_fn=EntityCLIPCollator(processor),
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+    epoch_rates, first_batch, lengths = [], None, {"input_ids": [], "explanation_input_ids": []}
+    for _ in range(epochs):
+        start = time.perf_counter()
+        samples, steady_start = 0, None
+        for batch in loader:
+            if steady_start is None:
+                # From the first batch on: worker start-up and the first batch's latency are not throughput.
+                steady_start = time.perf_counter()
+                if first_batch is None:
+                    first_batch = steady_start - start
+                continue
+            samples += batch["pixel_values"].shape[0]
+            for name in lengths:
+                lengths[name].append(batch[name].shape[1])
+        epoch_rates.append(samples / (time.perf_counter() - steady_start))
+    del loader
+    return {
+        "samples_per_second": median(epoch_rates),
+        "first_batch": first_batch,
+        "text_length": float(np.mean(lengths["input_ids"])),
+        "explanation_length": float(np.mean(lengths["explanation_input_ids"])),
+    }
+
+
+def training_samples_per_second(batch_size: int, iterations: int) -> float:
+    """EntityCLIP training-step samples/s (fp32, ViT-B/32 shapes, texts 40 and explanations 77 tokens)."""
+    from bench_training_step import Setup, TrainingStep
+
+    with Worker("entityclip", TrainingStep, "entityclip", batch_size, 40, 77, Setup(), seed=0) as worker:
+        worker.call("timed_step")  # warm-up
+        times = [worker.call("timed_step")[0] for _ in range(iterations)]
+    return batch_size / median(times)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-samples", type=int, default=544, help="rows of the dataset (one epoch)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader num_workers to measure")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per worker count (median)")
+    parser.add_argument("--width", type=int, default=400)
+    parser.add_argument("--height", type=int, default=300)
+    parser.add_argument("--training-samples-per-second", type=float, help="skip measuring the training step")
+    parser.add_argument("--training-iterations", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--markdown-out", type=Path, help="also write the report to this file")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    print(f"Machine: {machine_summary()}", flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        corpus = write_dataset(folder, args.num_samples, args.width, args.height, args.seed)
+        jpeg_kib = np.mean([path.stat().st_size for path in (folder / "images").glob("*.jpg")]) / 1024
+        processor = EntityCLIPProcessor(image_processor=CLIPImageProcessorPil(), tokenizer=train_bpe_tokenizer(corpus))
+        dataset = lazy_images(load_entity_dataset("jsonl", folder, splits=["train"])["train"])
+        results = {}
+        for num_workers in args.workers:
+            print(f"DataLoader with {num_workers} workers ...", flush=True)
+            results[num_workers] = loader_throughput(dataset, processor, args.batch_size, num_workers, args.epochs)
+    if args.training_samples_per_second is None:
+        print(f"EntityCLIP training step at batch {args.batch_size} ...", flush=True)
+        training = training_samples_per_second(args.batch_size, args.training_iterations)
+        training_source = f"measured here: median of {args.training_iterations} steps after 1 warm-up"
+    else:
+        training = args.training_samples_per_second
+        training_source = "from the training-step benchmark of the same run"
+    rows = [
+        [
+            num_workers,
+            figures["samples_per_second"],
+            figures["first_batch"],
+            f"{figures['samples_per_second'] / training:.0f}x",
+            "no" if figures["samples_per_second"] > training else "YES",
+        ]
+        for num_workers, figures in results.items()
+    ]
+    table = format_table(
+        ["DataLoader workers", "samples/s", "first batch (s)", "x training samples/s", "limits training"], rows
+    )
+    inline = ""
+    if 0 in results:
+        # Without workers the training process itself loads each batch between steps: this much longer a step.
+        inline = (
+            f" Loading in the training process (0 workers) would add "
+            f"{100 * training / results[0]['samples_per_second']:.1f}% to each step; with workers it overlaps."
+        )
+    any_result = next(iter(results.values()))
+    text = (
+        f"Data pipeline: {args.num_samples} rows, {args.width}x{args.height} JPEGs (mean {jpeg_kib:.0f} KiB), "
+        f"batch {args.batch_size}, padded lengths text {any_result['text_length']:.0f} / explanation "
+        f"{any_result['explanation_length']:.0f} tokens on average; samples/s after the first batch, median of "
+        f"{args.epochs} epochs.\nEntityCLIP training step (fp32, ViT-B/32 shapes, batch {args.batch_size}): "
+        f"{training:.2f} samples/s ({training_source}).{inline}\n\n{table}\n\nMachine: {machine_summary()}"
+    )
+    print("\n" + text)
+    if args.markdown_out:
+        args.markdown_out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,421 @@
+"""Benchmark: one EntityCLIP training step against one plain CLIPModel contrastive step, side by side.
+
+Both models have ViT-B/32 CLIP's shapes and the same random weights; both see the same batch (texts of 40 tokens,
+explanations of 77 for EntityCLIP) at the same precision, with the same optimizer (AdamW). A step is forward, loss,
+backward, optimizer step, `zero_grad` and the `logit_scale` clamp. Each model lives in its own worker process; the
+parent times them alternately (A B A B ...), so that noise from the rest of the machine hits both, and reads each
+process's own peak resident memory. FLOPs are counted once per model with `FlopCounterMode`, on the untimed warm-up
+step.
+
+    python bench/bench_training_step.py                           # batch 16 and 32, fp32: the issue's table
+    python bench/bench_training_step.py --precision bf16          # the same under bf16 autocast
+    python bench/bench_training_step.py --gain bf16               # EntityCLIP without / with one speed-up
+    python bench/bench_training_step.py --profile --batch-sizes 8 # where an EntityCLIP step spends its time
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from common import (
+    Worker,
+    count_flops,
+    format_table,
+    gib,
+    interleaved,
+    machine_summary,
+    matmul_throughput,
+    median,
+    peak_resident_memory_bytes,
+    random_batch,
+    reset_peak_resident_memory,
+    timed_wall_and_cpu,
+    vit_b32_clip_config,
+)
+from transformers import CLIPModel
+
+# The issue's targets for EntityCLIP / CLIP.
+MAX_FLOP_RATIO = 2.2
+MAX_TIME_OVER_FLOP_RATIO = 1.15
+MAX_MEMORY_RATIO = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """How a step runs: the options whose gains docs/performance.md reports."""
+
+    precision: str = "fp32"  # "bf16": forward under bf16 autocast (fp32 master weights)
+    attn: str = "sdpa"  # CLIP's attention implementation: "sdpa" or "eager"
+    optimizer: str = "fused"  # AdamW kernel: "fused", "foreach" or "for-loop"
+    compile: bool = False  # torch.compile CLIP's vision and text encoders
+    text_padding: int | None = None  # pad the texts to this many tokens (77 = padding="max_length"); None: none
+
+    def describe(self) -> str:
+        parts = [self.precision, f"attention {self.attn}", f"AdamW {self.optimizer}"]
+        if self.compile:
+            parts.append("torch.compile")
+        if self.text_padding:
+            parts.append(f"texts padded to {self.text_padding}")
+        return ", ".join(parts)
+
+
+# `--gain NAME`: the EntityCLIP step without (first) and with (second) one speed-up, everything else the default.
+GAINS = {
+    "bf16": (Setup(precision="fp32"), Setup(precision="bf16")),
+    "sdpa": (Setup(attn="eager"), Setup(attn="sdpa")),
+    "fused-adamw": (Setup(optimizer="foreach"), Setup(optimizer="fused")),
+    "compile": (Setup(compile=False), Setup(compile=True)),
+    "dynamic-padding": (Setup(text_padding=77), Setup(text_padding=None)),
+}
+
+
+def pad_texts(batch: dict[str, torch.Tensor], length: int, pad_token_id: int) -> None:
+    """Pad `input_ids` / `attention_mask` to `length` in place, as a processor with padding="max_length" would."""
+    extra = length - batch["input_ids"].shape[1]
+    if extra > 0:
+        batch["input_ids"] = torch.nn.functional.pad(batch["input_ids"], (0, extra), value=pad_token_id)
+        batch["attention_mask"] = torch.nn.functional.pad(batch["attention_mask"], (0, extra), value=0)
+
+
+class TrainingStep:
+    """One model, its AdamW optimizer and a fixed batch; `step()` runs one full training step."""
+
+    def __init__(self, kind: str, batch_size: int, text_length: int, explanation_length: int, setup: Setup, seed: int):
+        config = vit_b32_clip_config(setup.attn)
+        torch.manual_seed(seed)
+        clip = CLIPModel(config)
+        if kind == "clip":
+            self.model = clip
+            self.batch = random_batch(batch_size, text_length, None, seed=seed)
+        elif kind == "entityclip":
+            from entityclip_hf import EntityCLIPConfig, EntityCLIPModel
+
+            self.model = EntityCLIPModel(EntityCLIPConfig(clip_config=config))
+            # The same backbone as the CLIP baseline: its weights, copied.
+            self.model.clip.load_state_dict(clip.state_dict())
+            del clip
+            self.batch = random_batch(batch_size, text_length, explanation_length, seed=seed)
+        else:
+            raise ValueError(f"unknown model kind {kind!r}")
+        if setup.text_padding:
+            pad_texts(self.batch, setup.text_padding, config.text_config.pad_token_id)
+        self.model.train()
+        self.clip = self.model if kind == "clip" else self.model.clip
+        if setup.compile:
+            # The encoders only: EntityCLIP's own code has data-dependent shapes (which samples have an
+            # explanation, negatives drawn per step) that break a whole-model graph (see docs/performance.md).
+            self.clip.vision_model.compile()
+            self.clip.text_model.compile()
+        optimizer_flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=1e-5, weight_decay=0.2, **optimizer_flags[setup.optimizer]
+        )
+        self.autocast = setup.precision == "bf16"
+
+    def forward_loss(self) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            return self.model(**self.batch, return_loss=True).loss
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # Both models clamp the temperature, as open_clip and EntityCLIP's training do.
+        with torch.no_grad():
+            self.clip.logit_scale.clamp_(0, math.log(100))
+
+    def step(self) -> None:
+        self.forward_loss().backward()
+        self.optimizer_step()
+
+    def warmup_flops(self) -> int:
+        """The untimed warm-up step (optimizer state, kernel caches, compilation), with its FLOPs counted."""
+        return count_flops(self.step)
+
+    def timed_step(self) -> tuple[float, float]:
+        """Wall-clock and CPU seconds of one step."""
+        return timed_wall_and_cpu(self.step)
+
+    def reset_peak_memory(self) -> bool:
+        return reset_peak_resident_memory()
+
+    def peak_memory(self) -> int:
+        return peak_resident_memory_bytes()
+
+    def backbone_checksum(self) -> float:
+        with torch.no_grad():
+            return float(sum(p.double().sum() for p in self.clip.parameters()))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def profile(self, row_limit: int) -> str:
+        return profile_step(self, row_limit)
+
+
+def profile_step(runner: TrainingStep, row_limit: int) -> str:
+    """torch.profiler tables of one step: time per phase and per forward component, then per operator."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    # Forward time of each sub-module, through hooks that open and close a profiler range around it.
+    components = {name: getattr(runner.model, name, None) for name in ("vision_experts", "text_experts")}
+    components.update(
+        {
+            "shared_experts": getattr(runner.model, "shared_experts", None),
+            "clip.vision_model": runner.clip.vision_model,
+            "clip.text_model": runner.clip.text_model,
+        }
+    )
+    handles, open_ranges = [], []
+    for name, module in components.items():
+        if module is None:
+            continue
+
+        def enter(module, args, label="forward: " + name):
+            open_ranges.append(record_function(label).__enter__())
+
+        def leave(module, args, output):
+            open_ranges.pop().__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            with record_function("step: forward"):
+                loss = runner.forward_loss()
+            with record_function("step: backward"):
+                loss.backward()
+            with record_function("step: optimizer"):
+                runner.optimizer_step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    events = profiler.key_averages()
+    labelled = [event for event in events if event.key.startswith(("step: ", "forward: "))]
+    total = sum(event.cpu_time_total for event in labelled if event.key.startswith("step: "))
+    rows = [
+        [event.key, event.count, event.cpu_time_total / 1e6, f"{100 * event.cpu_time_total / total:.1f}%"]
+        for event in sorted(labelled, key=lambda event: -event.cpu_time_total)
+    ]
+    component_table = format_table(["phase / forward component", "calls", "CPU time (s)", "share of step"], rows)
+    operator_table = events.table(sort_by="self_cpu_time_total", row_limit=row_limit, max_name_column_width=40)
+    return component_table + "\n\n" + operator_table
+
+
+def measure(variants: dict[str, tuple[str, Setup]], batch_size: int, args: argparse.Namespace) -> dict[str, dict]:
+    """Time, FLOPs and peak memory of each variant (label -> (model kind, setup)) at one batch size."""
+    workers = [
+        Worker(label, TrainingStep, kind, batch_size, args.text_length, args.explanation_length, setup, args.seed)
+        for label, (kind, setup) in variants.items()
+    ]
+    try:
+        build = {worker.name: worker.wait_ready() for worker in workers}
+        checksums = {worker.call("backbone_checksum") for worker in workers}
+        if len(checksums) != 1:
+            raise RuntimeError(f"the variants do not share the same CLIP weights: {checksums}")
+        flops = {worker.name: worker.call("warmup_flops") for worker in workers}
+        for worker in workers:
+            if not worker.call("reset_peak_memory"):
+                print("warning: cannot reset the peak-memory mark; peaks include the warm-up step", file=sys.stderr)
+        times = interleaved(workers, "timed_step", args.iterations, wait_idle=args.wait_idle)
+        peaks = {worker.name: worker.call("peak_memory") for worker in workers}
+        parameters = {worker.name: worker.call("num_parameters") for worker in workers}
+    finally:
+        for worker in workers:
+            worker.close()
+    return {
+        label: {
+            "walls": [wall for wall, _ in times[label]],
+            "time": median([wall for wall, _ in times[label]]),
+            "cpu_time": median([cpu for _, cpu in times[label]]),
+            "samples_per_second": batch_size / median([wall for wall, _ in times[label]]),
+            "flops": flops[label],
+            # Everything training needs (weights, gradients, AdamW state, activations, allocator slack): the
+            # process's peak resident memory over the timed steps, minus its resident memory before the model.
+            "memory": peaks[label] - build[label]["baseline_rss"],
+            "parameters": parameters[label],
+        }
+        for label in variants
+    }
+
+
+def figures_row(batch_size: int, label: str, figures: dict, matmul_flops: float) -> list:
+    achieved = figures["flops"] / figures["time"]
+    return [
+        batch_size,
+        label,
+        f"{figures['parameters'] / 1e6:.1f}M",
+        figures["time"],
+        figures["cpu_time"],
+        figures["samples_per_second"],
+        gib(figures["memory"]),
+        figures["flops"] / 1e9,
+        achieved / 1e9,
+        f"{100 * achieved / matmul_flops:.0f}%",
+    ]
+
+
+FIGURE_HEADERS = [
+    "batch",
+    "model",
+    "params",
+    "s/step",
+    "CPU s/step",
+    "samples/s",
+    "peak mem (GiB)",
+    "GFLOP/step",
+    "GFLOP/s",
+    "of matmul peak",
+]
+
+
+def comparison_report(results: dict[int, dict], matmul_flops: float) -> tuple[str, bool]:
+    """The figures of CLIP and EntityCLIP, the EntityCLIP / CLIP ratios, and whether every target is met."""
+    rows, ratio_rows, all_met = [], [], True
+    for batch_size, models in results.items():
+        rows += [figures_row(batch_size, label, figures, matmul_flops) for label, figures in models.items()]
+        clip, entity = models["CLIPModel"], models["EntityCLIPModel"]
+        flop_ratio = entity["flops"] / clip["flops"]
+        time_ratio = entity["time"] / clip["time"]
+        memory_ratio = entity["memory"] / clip["memory"]
+        # Per-iteration ratios (each EntityCLIP step over the CLIP step timed right before it) show the spread.
+        pair_ratios = sorted(e / c for e, c in zip(entity["walls"], clip["walls"], strict=True))
+        met = (
+            flop_ratio <= MAX_FLOP_RATIO
+            and time_ratio <= MAX_TIME_OVER_FLOP_RATIO * flop_ratio
+            and memory_ratio <= MAX_MEMORY_RATIO
+        )
+        all_met &= met
+        ratio_rows.append(
+            [
+                batch_size,
+                f"{flop_ratio:.2f} (<= {MAX_FLOP_RATIO})",
+                f"{time_ratio:.2f} ({pair_ratios[0]:.2f}-{pair_ratios[-1]:.2f})",
+                f"{time_ratio / flop_ratio:.2f} (<= {MAX_TIME_OVER_FLOP_RATIO})",
+                f"{entity['cpu_time'] / clip['cpu_time']:.2f}",
+                f"{memory_ratio:.2f} (<= {MAX_MEMORY_RATIO})",
+                "yes" if met else "NO",
+            ]
+        )
+    ratios = format_table(
+        [
+            "batch",
+            "FLOP ratio",
+            "time ratio (min-max)",
+            "time ratio / FLOP ratio",
+            "CPU-time ratio",
+            "memory ratio",
+            "targets met",
+        ],
+        ratio_rows,
+    )
+    return f"{format_table(FIGURE_HEADERS, rows)}\n\nEntityCLIP / CLIP:\n\n{ratios}", all_met
+
+
+def gain_report(results: dict[int, dict], matmul_flops: float) -> str:
+    rows = []
+    for batch_size, variants in results.items():
+        baseline = next(iter(variants.values()))
+        for label, figures in variants.items():
+            rows.append(
+                figures_row(batch_size, label, figures, matmul_flops)
+                + [
+                    f"{baseline['time'] / figures['time']:.2f}x",
+                    f"{baseline['cpu_time'] / figures['cpu_time']:.2f}x",
+                    f"{figures['memory'] / baseline['memory']:.2f}",
+                ]
+            )
+    return format_table(FIGURE_HEADERS + ["speed-up", "CPU-time speed-up", "memory vs first"], rows)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--iterations", type=int, default=3, help="timed steps per model (after 1 warm-up)")
+    parser.add_argument("--text-length", type=int, default=40)
+    parser.add_argument("--explanation-length", type=int, default=77)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = bf16 autocast")
+    parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="CLIP's attention implementation")
+    parser.add_argument("--optimizer", choices=["fused", "foreach", "for-loop"], default="fused", help="AdamW kernel")
+    parser.add_argument("--compile", action="store_true", help="torch.compile CLIP's encoders (compiled in warm-up)")
+    parser.add_argument("--gain", choices=sorted(GAINS), help="EntityCLIP without and with one speed-up, instead")
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="on a shared machine: before each round of timed steps, wait up to this long for the cores to go idle",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--profile", action="store_true", help="profile one step instead of timing")
+    parser.add_argument("--profile-model", choices=["entityclip", "clip"], default="entityclip")
+    parser.add_argument("--profile-rows", type=int, default=25)
+    parser.add_argument("--markdown-out", type=Path, help="also write the report to this file")
+    parser.add_argument("--json-out", type=Path, help="also write the figures to this file (for bench/run_all.py)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    print(f"Machine: {machine_summary()}", flush=True)
+    setup = Setup(args.precision, args.attn, args.optimizer, args.compile)
+    if args.profile:
+        batch_size = args.batch_sizes[0]
+        worker = Worker(
+            args.profile_model,
+            TrainingStep,
+            args.profile_model,
+            batch_size,
+            args.text_length,
+            args.explanation_length,
+            setup,
+            args.seed,
+        )
+        with worker:
+            worker.call("timed_step")  # warm-up
+            print(f"Profile of one {args.profile_model} step, batch {batch_size}, {setup.describe()}:\n")
+            print(worker.call("profile", row_limit=args.profile_rows))
+        return 0
+
+    if args.gain:
+        without, with_gain = GAINS[args.gain]
+        variants = {without.describe(): ("entityclip", without), with_gain.describe(): ("entityclip", with_gain)}
+        title = f"Gain of {args.gain} on the EntityCLIP training step"
+    else:
+        variants = {"CLIPModel": ("clip", setup), "EntityCLIPModel": ("entityclip", setup)}
+        title = f"Training step, {setup.describe()}"
+    dtype = torch.bfloat16 if args.precision == "bf16" or args.gain == "bf16" else torch.float32
+    matmul_flops = matmul_throughput(args.matmul_size, dtype)
+    results = {}
+    for batch_size in args.batch_sizes:
+        print(f"batch {batch_size}: building the models, warm-up with FLOP counting, timed steps ...", flush=True)
+        results[batch_size] = measure(variants, batch_size, args)
+    # Measured again after the steps: the better of the two is the machine's capability.
+    matmul_flops = max(matmul_flops, matmul_throughput(args.matmul_size, dtype))
+    header = (
+        f"{title}; ViT-B/32 shapes, texts {args.text_length} tokens, explanations {args.explanation_length}; median of "
+        f"{args.iterations} interleaved steps after 1 warm-up. CPU s = the process's CPU time, all threads: about "
+        f"2x the wall time on an idle 2-core machine, it stays put when other jobs take the cores. Peak memory = "
+        f"peak resident memory over the timed steps minus the resident memory before the model was built. Matmul "
+        f"peak of this machine ({dtype} {args.matmul_size}^2 matmul, best of 5): {matmul_flops / 1e9:.0f} GFLOP/s."
+    )
+    if args.gain:
+        body, all_met = gain_report(results, matmul_flops), True
+    else:
+        body, all_met = comparison_report(results, matmul_flops)
+    text = f"{header}\n\n{body}\n\nMachine: {machine_summary()}"
+    print("\n" + text)
+    if args.markdown_out:
+        args.markdown_out.write_text(text + "\n")
+    if args.json_out:
+        args.json_out.write_text(json.dumps({str(batch): variants for batch, variants in results.items()}, indent=1))
+    if not all_met:
+        print("\nA target is missed (see 'targets met').")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
