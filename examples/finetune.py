@@ -30,6 +30,7 @@ from transformers import AutoConfig, CLIPImageProcessorPil, CLIPTokenizer, get_s
 
 from entityclip_hf import EntityCLIPConfig, EntityCLIPModel
 from entityclip_hf.data import EntityCLIPCollator, lazy_images, load_entity_dataset, make_demo_dataset
+from entityclip_hf.evaluation import format_metrics_table
 from entityclip_hf.losses import contrastive_loss
 from entityclip_hf.metrics import retrieval_metrics
 from entityclip_hf.processing_entityclip import EntityCLIPProcessor
@@ -530,7 +531,8 @@ def train(args) -> dict:
             accelerator.unwrap_model(model, keep_torch_compile=False), os.path.join(args.output_dir, "best")
         )
         results["test"] = evaluate(model, test_loader, accelerator, args)
-        log(f"test (best/, step {state['best_step'] or state['step']}): {format_metrics(results['test'])}")
+        title = f"{args.test_split} split, best/ (step {state['best_step'] or state['step']}):"
+        log(format_metrics_table(results["test"], title=title))
     if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)

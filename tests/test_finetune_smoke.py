@@ -118,9 +118,12 @@ def test_train_evaluate_save_then_reload_in_a_fresh_process(tmp_path, data_root)
     assert "loaded transformers_modules." in output, "the model ran from the code files saved beside the weights"
     assert output.count('query: "') == 3 and output.count("\n  5. ") == 3
 
-    # A second run into the same folder must not silently mix with the first.
-    output = run(EXAMPLES / "finetune.py", *SMALL, "--dataset_root", data_root, "--output_dir", out, expect=1)
-    assert "holds an earlier run" in output
+
+def test_a_new_run_refuses_an_used_output_dir(tmp_path, data_root, fresh_accelerate_state):
+    (tmp_path / "checkpoints" / "step_3").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="holds an earlier run"):  # would silently mix two runs' checkpoints
+        finetune.main([*SMALL, "--dataset_root", str(data_root), "--output_dir", str(tmp_path)])
+    assert (tmp_path / "checkpoints" / "step_3").exists(), "nothing deleted without --overwrite_output_dir"
 
 
 def test_start_from_a_clip_checkpoint_then_continue_in_bf16_with_checkpointing(tmp_path, data_root, tiny_processor):
@@ -132,7 +135,7 @@ def test_start_from_a_clip_checkpoint_then_continue_in_bf16_with_checkpointing(t
     CLIPModel(tiny_clip_config(tiny_processor.tokenizer)).save_pretrained(clip_folder)
     tiny_processor.tokenizer.save_pretrained(clip_folder)
     tiny_processor.image_processor.save_pretrained(clip_folder)
-    steps = ["--max_steps", 2, "--eval_every", 2, "--test_split", ""]
+    steps = ["--max_steps", 2, "--eval_split", "", "--test_split", ""]
     run(EXAMPLES / "finetune.py", *SMALL, *steps, "--dataset_root", data_root, "--model", clip_folder,
         "--output_dir", tmp_path / "from_clip")  # fmt: skip
     config = json.loads((tmp_path / "from_clip" / "final" / "config.json").read_text())
@@ -160,7 +163,7 @@ def test_an_undecodable_image_does_not_stop_training(tmp_path, data_root):
     image.write_bytes(image.read_bytes()[:400])  # truncated: unreadable at training time
     output = run(
         EXAMPLES / "finetune.py", *SMALL, "--dataset", "jsonl", "--dataset_root", data, "--output_dir", tmp_path / "o",
-        "--num_epochs", 1, "--test_split", "", "--check_images", "none",  # as if it broke after loading
+        "--num_epochs", 1, "--eval_split", "", "--test_split", "", "--check_images", "none",  # broke after loading
     )  # fmt: skip
     assert first["id"] in output and "replaced by good rows" in output, "the bad row is named"
     records = [json.loads(line) for line in (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()]
