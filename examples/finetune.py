@@ -338,6 +338,35 @@ def save_checkpoint(accelerator, args, state: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- training
+def find_checkpoint(args) -> str | None:
+    """The checkpoint folder --resume asks for (given, or the latest complete one), or None."""
+    if not args.resume:
+        return None
+    if args.resume != "latest":
+        if not os.path.exists(os.path.join(args.resume, STATE_FILE)):
+            raise FileNotFoundError(f"--resume {args.resume}: not a complete checkpoint (no {STATE_FILE})")
+        return args.resume
+    steps = checkpoint_steps(args.output_dir)
+    return os.path.join(args.output_dir, "checkpoints", f"step_{steps[-1]}") if steps else None
+
+
+def clear_previous_run(args, accelerator) -> None:
+    """Refuse to mix a new run with an earlier one in --output_dir, or delete its outputs (--overwrite_output_dir)."""
+    previous_run = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(args.output_dir, name))]
+    if previous_run and not args.resume:
+        if not args.overwrite_output_dir:
+            raise FileExistsError(
+                f"{args.output_dir} holds an earlier run ({', '.join(previous_run)}): pass --resume to continue it, "
+                "--overwrite_output_dir to replace it, or choose another --output_dir"
+            )
+        accelerator.wait_for_everyone()  # every process has looked before the main process deletes
+        if accelerator.is_main_process:
+            for name in previous_run:
+                path = os.path.join(args.output_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    accelerator.wait_for_everyone()
+
+
 def common_rows(batch, accelerator):
     """Trim a batch to the row count every process has: the collator may have dropped bad samples on one process,
     and the all-gathered contrastive loss needs equal rows everywhere (a skip on one process only would hang)."""
@@ -375,31 +404,11 @@ def train(args) -> dict:
     set_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
 
-    previous_run = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(args.output_dir, name))]
-    if previous_run and not args.resume:
-        if not args.overwrite_output_dir:
-            raise FileExistsError(
-                f"{args.output_dir} holds an earlier run ({', '.join(previous_run)}): pass --resume to continue it, "
-                "--overwrite_output_dir to replace it, or choose another --output_dir"
-            )
-        accelerator.wait_for_everyone()  # every process has looked before the main process deletes
-        if accelerator.is_main_process:
-            for name in previous_run:
-                path = os.path.join(args.output_dir, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    accelerator.wait_for_everyone()
+    clear_previous_run(args, accelerator)
     datasets = load_datasets(args, accelerator)
-    resume_dir = None
-    if args.resume:
-        steps = checkpoint_steps(args.output_dir)
-        if args.resume != "latest":
-            resume_dir = args.resume
-            if not os.path.exists(os.path.join(resume_dir, STATE_FILE)):
-                raise FileNotFoundError(f"--resume {resume_dir}: not a complete checkpoint (no {STATE_FILE})")
-        elif steps:
-            resume_dir = os.path.join(args.output_dir, "checkpoints", f"step_{steps[-1]}")
-        else:
-            log(f"--resume: no checkpoint in {args.output_dir}/checkpoints, starting from scratch")
+    resume_dir = find_checkpoint(args)
+    if args.resume and resume_dir is None:
+        log(f"--resume: no checkpoint in {args.output_dir}/checkpoints, starting from scratch")
     model, processor = build_model_and_processor(args, datasets["train"]["text"])
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
