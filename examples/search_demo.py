@@ -4,8 +4,8 @@ The model and processor are loaded with `AutoModel` / `AutoProcessor` and `trust
 of this package is imported, so they run from the code files saved beside the weights (as for someone who has only
 the folder or the Hub repository); the package is then used only for the data loader and the search helpers.
 
-    python examples/search_demo.py outputs/demo/best --dataset demo --dataset_root outputs/demo/data
-    python examples/search_demo.py outputs/demo/best --dataset_root outputs/demo/data --query "a red circle"
+    python examples/search_demo.py outputs/demo/best --dataset_root outputs/demo/data
+    python examples/search_demo.py outputs/demo/best --dataset_root outputs/demo/data --query "Oren Ambrose in Tessaly"
 """
 
 import argparse
@@ -18,7 +18,7 @@ from transformers import AutoModel, AutoProcessor
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a save_pretrained folder (e.g. a training run's best/) or a Hub repository id")
-    parser.add_argument("--dataset", default="demo", help="load_entity_dataset name")
+    parser.add_argument("--dataset", default="jsonl", help="load_entity_dataset name (a finetune demo run: jsonl)")
     parser.add_argument("--dataset_root", required=True, help="the dataset's folder")
     parser.add_argument("--split", default="test")
     parser.add_argument("--query", action="append", help="a text query (repeatable); default: 3 of the split's texts")
