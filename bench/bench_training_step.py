@@ -51,13 +51,13 @@ class Setup:
     precision: str = "fp32"  # "bf16": forward under bf16 autocast (fp32 master weights)
     attn: str = "sdpa"  # CLIP's attention implementation: "sdpa" or "eager"
     optimizer: str = "fused"  # AdamW kernel: "fused", "foreach" or "for-loop"
-    compile: bool = False  # torch.compile CLIP's vision and text encoders
+    compile: str = "none"  # torch.compile "encoders" (CLIP's vision and text encoders) or the whole "model"
     text_padding: int | None = None  # pad the texts to this many tokens (77 = padding="max_length"); None: none
 
     def describe(self) -> str:
         parts = [self.precision, f"attention {self.attn}", f"AdamW {self.optimizer}"]
-        if self.compile:
-            parts.append("torch.compile")
+        if self.compile != "none":
+            parts.append(f"torch.compile {self.compile}")
         if self.text_padding:
             parts.append(f"texts padded to {self.text_padding}")
         return ", ".join(parts)
@@ -68,7 +68,8 @@ GAINS = {
     "bf16": (Setup(precision="fp32"), Setup(precision="bf16")),
     "sdpa": (Setup(attn="eager"), Setup(attn="sdpa")),
     "fused-adamw": (Setup(optimizer="foreach"), Setup(optimizer="fused")),
-    "compile": (Setup(compile=False), Setup(compile=True)),
+    "compile": (Setup(compile="none"), Setup(compile="encoders")),
+    "compile-model": (Setup(compile="none"), Setup(compile="model")),
     "dynamic-padding": (Setup(text_padding=77), Setup(text_padding=None)),
 }
 
@@ -105,16 +106,22 @@ class TrainingStep:
             pad_texts(self.batch, setup.text_padding, config.text_config.pad_token_id)
         self.model.train()
         self.clip = self.model if kind == "clip" else self.model.clip
-        if setup.compile:
-            # The encoders only: EntityCLIP's own code has data-dependent shapes (which samples have an
-            # explanation, negatives drawn per step) that break a whole-model graph (see docs/performance.md).
+        if setup.compile == "encoders":
+            # EntityCLIP's own code has data-dependent shapes (which samples have an explanation, the negatives
+            # drawn each step) that break a whole-model graph; the encoders are where the time goes.
             self.clip.vision_model.compile()
             self.clip.text_model.compile()
+        elif setup.compile == "model":
+            # torch 2.13's AOTAutograd cache replays the aliased outputs (logits_per_text is a view of
+            # logits_per_image) with garbage shapes from a warm cache (as examples/finetune.py notes).
+            torch._functorch.config.enable_autograd_cache = False
+            self.model.compile()
         optimizer_flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=1e-5, weight_decay=0.2, **optimizer_flags[setup.optimizer]
         )
         self.autocast = setup.precision == "bf16"
+        self.compiled = setup.compile != "none"
 
     def forward_loss(self) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
@@ -132,7 +139,12 @@ class TrainingStep:
         self.optimizer_step()
 
     def warmup_flops(self) -> int:
-        """The untimed warm-up step (optimizer state, kernel caches, compilation), with its FLOPs counted."""
+        """The untimed warm-up (optimizer state, kernel caches, compilation), with the FLOPs of a step counted."""
+        if self.compiled:
+            # Compiled kernels are invisible to FlopCounterMode: compile first, then count an eager step.
+            self.step()
+            with torch.compiler.set_stance("force_eager"):
+                return count_flops(self.step)
         return count_flops(self.step)
 
     def timed_step(self) -> tuple[float, float]:
@@ -156,50 +168,90 @@ class TrainingStep:
         return profile_step(self, row_limit)
 
 
-def profile_step(runner: TrainingStep, row_limit: int) -> str:
-    """torch.profiler tables of one step: time per phase and per forward component, then per operator."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+class ComponentHooks:
+    """Runs a context (`make_context(label)`) around each forward call of the named sub-modules.
 
-    # Forward time of each sub-module, through hooks that open and close a profiler range around it.
-    components = {name: getattr(runner.model, name, None) for name in ("vision_experts", "text_experts")}
-    components.update(
-        {
-            "shared_experts": getattr(runner.model, "shared_experts", None),
-            "clip.vision_model": runner.clip.vision_model,
-            "clip.text_model": runner.clip.text_model,
-        }
-    )
-    handles, open_ranges = [], []
-    for name, module in components.items():
-        if module is None:
-            continue
+    Calls are numbered per module: EntityCLIP's `clip.text_model` runs twice, #1 on the texts, #2 on the
+    explanations.
+    """
 
-        def enter(module, args, label="forward: " + name):
-            open_ranges.append(record_function(label).__enter__())
+    def __init__(self, runner: TrainingStep, make_context):
+        self.make_context = make_context
+        self.open_contexts, self.calls, self.handles = [], {}, []
+        names = ["clip.vision_model", "clip.text_model", "vision_experts", "text_experts", "shared_experts"]
+        for name in names:
+            owner, _, attribute = name.rpartition(".")
+            module = getattr(runner.clip if owner else runner.model, attribute, None)
+            if module is not None:
+                self.handles.append(module.register_forward_pre_hook(lambda module, args, name=name: self._enter(name)))
+                self.handles.append(module.register_forward_hook(lambda module, args, output: self._leave()))
 
-        def leave(module, args, output):
-            open_ranges.pop().__exit__(None, None, None)
+    def _enter(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        context = self.make_context(f"forward: {name} #{self.calls[name]}")
+        context.__enter__()
+        self.open_contexts.append(context)
 
-        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
-    try:
-        with profile(activities=[ProfilerActivity.CPU]) as profiler:
-            with record_function("step: forward"):
-                loss = runner.forward_loss()
-            with record_function("step: backward"):
-                loss.backward()
-            with record_function("step: optimizer"):
-                runner.optimizer_step()
-    finally:
-        for handle in handles:
+    def _leave(self) -> None:
+        self.open_contexts.pop().__exit__(None, None, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        for handle in self.handles:
             handle.remove()
+
+
+def profile_step(runner: TrainingStep, row_limit: int) -> str:
+    """Where one step goes: time per phase and per forward component (torch.profiler), forward FLOPs per component
+    (FlopCounterMode), then the operators by self time."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with ComponentHooks(runner, record_function), profile(activities=[ProfilerActivity.CPU]) as profiler:
+        with record_function("step: forward"):
+            loss = runner.forward_loss()
+        with record_function("step: backward"):
+            loss.backward()
+        with record_function("step: optimizer"):
+            runner.optimizer_step()
     events = profiler.key_averages()
-    labelled = [event for event in events if event.key.startswith(("step: ", "forward: "))]
-    total = sum(event.cpu_time_total for event in labelled if event.key.startswith("step: "))
+    labelled = {event.key: event for event in events if event.key.startswith(("step: ", "forward: "))}
+    step_time = sum(event.cpu_time_total for key, event in labelled.items() if key.startswith("step: "))
+
+    # Forward FLOPs of each component, in a separate untimed forward pass (counting slows the ops down).
+    counters: dict[str, FlopCounterMode] = {}
+
+    def counter(label: str) -> FlopCounterMode:
+        counters[label] = FlopCounterMode(display=False)
+        return counters[label]
+
+    with torch.no_grad(), ComponentHooks(runner, counter), FlopCounterMode(display=False) as whole:
+        runner.forward_loss()
+    forward_flops = whole.get_total_flops()
+    times = {key: event.cpu_time_total / 1e6 for key, event in labelled.items()}
+    flops = {key: counter.get_total_flops() for key, counter in counters.items()}
+    flops["step: forward"] = forward_flops
+    # What the hooks do not see: the experts' keys/values (computed outside their forward), the gates, the ITM head,
+    # projections and losses.
+    components = [key for key in times if key.startswith("forward: ")]
+    rest = "forward: the rest (expert keys/values, gates, ITM head, losses)"
+    times[rest] = times["step: forward"] - sum(times[key] for key in components)
+    flops[rest] = forward_flops - sum(flops.get(key, 0) for key in components)
     rows = [
-        [event.key, event.count, event.cpu_time_total / 1e6, f"{100 * event.cpu_time_total / total:.1f}%"]
-        for event in sorted(labelled, key=lambda event: -event.cpu_time_total)
+        [
+            key,
+            seconds,
+            f"{100 * seconds / (step_time / 1e6):.1f}%",
+            f"{flops[key] / 1e9:.1f}" if key in flops else "",
+            f"{100 * flops[key] / forward_flops:.1f}%" if key in flops else "",
+        ]
+        for key, seconds in sorted(times.items(), key=lambda item: -item[1])
     ]
-    component_table = format_table(["phase / forward component", "calls", "CPU time (s)", "share of step"], rows)
+    component_table = format_table(
+        ["phase / forward component", "CPU time (s)", "share of step", "forward GFLOP", "share of forward FLOPs"], rows
+    )
     operator_table = events.table(sort_by="self_cpu_time_total", row_limit=row_limit, max_name_column_width=40)
     return component_table + "\n\n" + operator_table
 
@@ -339,7 +391,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = bf16 autocast")
     parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="CLIP's attention implementation")
     parser.add_argument("--optimizer", choices=["fused", "foreach", "for-loop"], default="fused", help="AdamW kernel")
-    parser.add_argument("--compile", action="store_true", help="torch.compile CLIP's encoders (compiled in warm-up)")
+    parser.add_argument(
+        "--compile", choices=["none", "encoders", "model"], default="none", help="torch.compile (in the warm-up step)"
+    )
     parser.add_argument("--gain", choices=sorted(GAINS), help="EntityCLIP without and with one speed-up, instead")
     parser.add_argument(
         "--wait-idle",

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine_summary
+from common import machine_summary, wait_for_idle_cpu
 
 BENCH_DIR = Path(__file__).resolve().parent
 README = BENCH_DIR / "README.md"
@@ -58,10 +58,10 @@ def run_benchmark(script: str, arguments: list[str], writes_markdown: bool, work
     return report.strip(), elapsed, exit_code
 
 
-def results_section(reports: list[tuple[str, str, str, float, int]], total: float, machine: str) -> str:
+def results_section(reports: list[tuple[str, str, str, float, int]], total: float, machine: str, command: str) -> str:
     parts = [
         RESULTS_BEGIN,
-        f"Last run: `python bench/run_all.py --update-readme`, {time.strftime('%Y-%m-%d %H:%M %Z')}, "
+        f"Last run: `{command}`, {time.strftime('%Y-%m-%d %H:%M %Z')}, "
         f"{total / 60:.1f} minutes in all.\n\nMachine at the start: {machine}",
     ]
     for title, command, report, elapsed, exit_code in reports:
@@ -91,6 +91,14 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--only", nargs="+", choices=[script for _, script, _, _ in BENCHMARKS], help="run only these benchmarks"
     )
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="on a shared machine: wait up to this long for idle cores before each benchmark and each round of "
+        "timed training steps",
+    )
     args = parser.parse_args(argv)
     machine = machine_summary()
     print(f"Machine: {machine}\n", flush=True)
@@ -104,6 +112,10 @@ def main(argv=None) -> int:
             extra = []  # arguments that only pass figures between benchmarks of this run
             if script == "bench_training_step.py":
                 extra = ["--json-out", str(training_json)]
+                if args.wait_idle:
+                    arguments = [*arguments, "--wait-idle", f"{args.wait_idle:g}"]
+            if args.wait_idle and not wait_for_idle_cpu(timeout=args.wait_idle):
+                print(f"(the machine stayed busy for {args.wait_idle:g} s: running anyway)", flush=True)
             if script == "bench_data_pipeline.py" and training_json.exists():
                 training = json.loads(training_json.read_text())[DATA_PIPELINE_BATCH_SIZE]["EntityCLIPModel"]
                 arguments = [*arguments, "--training-samples-per-second", f"{training['samples_per_second']:.3f}"]
@@ -117,7 +129,8 @@ def main(argv=None) -> int:
     total = time.perf_counter() - start
     print(f"All benchmarks: {total / 60:.1f} minutes. Machine at the end: {machine_summary()}")
     if args.update_readme:
-        update_readme(results_section(reports, total, machine))
+        command = shlex.join(["python", "bench/run_all.py", *(argv if argv is not None else sys.argv[1:])])
+        update_readme(results_section(reports, total, machine, command))
         print(f"Results written to {README}")
     if failed:
         print(f"Failed: {', '.join(failed)}", file=sys.stderr)
