@@ -14,6 +14,7 @@ Every gallery size lives in its own worker process (bench/common.py `Worker`): i
 
     python bench/bench_retrieval_metrics.py                # 10k, 100k, 1M strips; full 10k and 30k; naive 10k (~3 min)
     python bench/bench_retrieval_metrics.py --quick        # 10k and 100k only (~30 s)
+    python bench/bench_retrieval_metrics.py --wait-idle 120  # on a shared machine: wait for idle cores before each run
     python bench/bench_retrieval_metrics.py --gallery-sizes 1000000 --full-sizes --naive-sizes --dtype float16
 """
 
@@ -27,10 +28,10 @@ from common import (
     format_table,
     gib,
     machine_summary,
-    matmul_throughput,
     peak_resident_memory_bytes,
     reset_peak_resident_memory,
     resident_memory_bytes,
+    wait_for_idle_cpu,
 )
 
 from entityclip_hf.metrics import _PositiveRankCounter, metrics_from_ranks, naive_retrieval_ranks, ranks_of_positives
@@ -43,7 +44,9 @@ GENERATION_ROWS = 65536  # embeddings are generated in slices straight into thei
 class RetrievalCase:
     """Lives in a worker process: N random paired embeddings and the runs timed on them."""
 
-    def __init__(self, num_items: int, dim: int, dtype: str, noise: float, seed: int):
+    def __init__(self, num_items: int, dim: int, dtype: str, noise: float, seed: int, threads: int | None):
+        if threads:
+            torch.set_num_threads(threads)
         dtype = getattr(torch, dtype)
         generator = torch.Generator().manual_seed(seed)
         self.images = torch.empty(num_items, dim, dtype=dtype)
@@ -118,6 +121,20 @@ class RetrievalCase:
         return self._measured(run)
 
 
+def block_matmul_throughput(chunk_size: int, dim: int, repeats: int = 5) -> float:
+    """FLOP/s of the metric's matrix product alone (best of `repeats`): the ceiling the counting overhead is seen against."""
+    generator = torch.Generator().manual_seed(0)
+    queries, gallery = torch.randn(2, chunk_size, dim, generator=generator)
+    out = torch.empty(chunk_size, chunk_size)
+    torch.matmul(queries, gallery.T, out=out)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(queries, gallery.T, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * chunk_size * chunk_size * dim / best
+
+
 def naive_bytes(num_items: int) -> int:
     # Scores, their transposed copy, sorted values and int64 sort indices of one direction: 4 + 4 + 4 + 8 bytes/entry.
     return 20 * num_items**2
@@ -142,6 +159,10 @@ def parse_args(argv):
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--noise", type=float, default=6.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in the workers (default: torch's)")
+    parser.add_argument(
+        "--wait-idle", type=float, default=0.0, help="before each timed run, wait up to this many s for idle cores"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.gallery_sizes, args.full_sizes, args.naive_sizes = [10_000, 100_000], [10_000], [10_000, 100_000]
@@ -167,14 +188,21 @@ HEADERS = [
 def run_gallery(num_items: int, args, run_naive: bool) -> dict[str, dict]:
     """All runs of one gallery size, in one fresh worker process."""
     results = {}
-    with Worker(f"gallery-{num_items}", RetrievalCase, num_items, args.dim, args.dtype, args.noise, args.seed) as w:
+    with Worker(
+        f"gallery-{num_items}", RetrievalCase, num_items, args.dim, args.dtype, args.noise, args.seed, args.threads
+    ) as w:
         w.wait_ready()
+        runs = []
         if num_items in args.full_sizes:
-            results[FULL] = w.call("full", chunk_size=args.chunk_size)
+            runs.append((FULL, "full", {"chunk_size": args.chunk_size}))
         if num_items in args.gallery_sizes:
-            results[STRIP] = w.call("strip", chunk_size=args.chunk_size)
+            runs.append((STRIP, "strip", {"chunk_size": args.chunk_size}))
         if run_naive:
-            results[NAIVE] = w.call("naive")
+            runs.append((NAIVE, "naive", {}))
+        for name, method, kwargs in runs:
+            if args.wait_idle > 0:
+                wait_for_idle_cpu(timeout=args.wait_idle)
+            results[name] = w.call(method, **kwargs)
     return results
 
 
@@ -202,7 +230,12 @@ def table_row(name: str, num_items: int, result: dict, dim: int) -> list:
 def main(argv=None) -> int:
     args = parse_args(argv)
     print(machine_summary())
-    print(f"float32 matmul peak of this machine: {matmul_throughput() / 1e9:.0f} GFLOP/s (best 2048^3 product)")
+    if args.wait_idle > 0:
+        wait_for_idle_cpu(timeout=args.wait_idle)
+    block_flops = block_matmul_throughput(args.chunk_size, args.dim)
+    print(
+        f"one {args.chunk_size} x {args.dim} x {args.chunk_size} float32 block product alone: {block_flops / 1e9:.0f} GFLOP/s"
+    )
     print(f"embeddings: {args.dim}-d {args.dtype}, chunk_size {args.chunk_size}\n")
 
     rows, notes, failures, strip_cpu_costs = [], [], [], {}
