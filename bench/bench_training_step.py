@@ -35,6 +35,7 @@ from common import (
     reset_peak_resident_memory,
     timed_wall_and_cpu,
     vit_b32_clip_config,
+    wait_for_idle_cpu,
 )
 from transformers import CLIPModel
 
@@ -53,6 +54,7 @@ class Setup:
     optimizer: str = "fused"  # AdamW kernel: "fused", "foreach" or "for-loop"
     compile: str = "none"  # torch.compile "encoders" (CLIP's vision and text encoders) or the whole "model"
     text_padding: int | None = None  # pad the texts to this many tokens (77 = padding="max_length"); None: none
+    malloc: str = "default"  # "tuned": glibc's malloc keeps freed memory instead of returning it (MALLOC_TUNED)
 
     def describe(self) -> str:
         parts = [self.precision, f"attention {self.attn}", f"AdamW {self.optimizer}"]
@@ -60,7 +62,18 @@ class Setup:
             parts.append(f"torch.compile {self.compile}")
         if self.text_padding:
             parts.append(f"texts padded to {self.text_padding}")
+        if self.malloc != "default":
+            parts.append(f"malloc {self.malloc}")
         return ", ".join(parts)
+
+    def worker_env(self) -> dict[str, str] | None:
+        return MALLOC_TUNED if self.malloc == "tuned" else None
+
+
+# glibc returns freed memory of >= 32 MiB blocks (mmap) and of the heap's top (trim) to the kernel; a training step
+# then page-faults the same gigabytes back in, zeroed, every step. A fixed mmap threshold at its maximum and a trim
+# threshold above any heap size keep it. (jemalloc or tcmalloc through LD_PRELOAD do the same, when installed.)
+MALLOC_TUNED = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=68719476736"}
 
 
 # `--gain NAME`: the EntityCLIP step without (first) and with (second) one speed-up, everything else the default.
@@ -71,6 +84,7 @@ GAINS = {
     "compile": (Setup(compile="none"), Setup(compile="encoders")),
     "compile-model": (Setup(compile="none"), Setup(compile="model")),
     "dynamic-padding": (Setup(text_padding=77), Setup(text_padding=None)),
+    "malloc": (Setup(malloc="default"), Setup(malloc="tuned")),
 }
 
 
@@ -259,7 +273,17 @@ def profile_step(runner: TrainingStep, row_limit: int) -> str:
 def measure(variants: dict[str, tuple[str, Setup]], batch_size: int, args: argparse.Namespace) -> dict[str, dict]:
     """Time, FLOPs and peak memory of each variant (label -> (model kind, setup)) at one batch size."""
     workers = [
-        Worker(label, TrainingStep, kind, batch_size, args.text_length, args.explanation_length, setup, args.seed)
+        Worker(
+            label,
+            TrainingStep,
+            kind,
+            batch_size,
+            args.text_length,
+            args.explanation_length,
+            setup,
+            args.seed,
+            worker_env=setup.worker_env(),
+        )
         for label, (kind, setup) in variants.items()
     ]
     try:
@@ -394,6 +418,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--compile", choices=["none", "encoders", "model"], default="none", help="torch.compile (in the warm-up step)"
     )
+    parser.add_argument(
+        "--malloc", choices=["default", "tuned"], default="default", help="glibc malloc settings of the workers"
+    )
     parser.add_argument("--gain", choices=sorted(GAINS), help="EntityCLIP without and with one speed-up, instead")
     parser.add_argument(
         "--wait-idle",
@@ -415,7 +442,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     print(f"Machine: {machine_summary()}", flush=True)
-    setup = Setup(args.precision, args.attn, args.optimizer, args.compile)
+    setup = Setup(args.precision, args.attn, args.optimizer, args.compile, malloc=args.malloc)
     if args.profile:
         batch_size = args.batch_sizes[0]
         worker = Worker(
@@ -427,6 +454,7 @@ def main(argv=None) -> int:
             args.explanation_length,
             setup,
             args.seed,
+            worker_env=setup.worker_env(),
         )
         with worker:
             worker.call("timed_step")  # warm-up
@@ -442,12 +470,16 @@ def main(argv=None) -> int:
         variants = {"CLIPModel": ("clip", setup), "EntityCLIPModel": ("entityclip", setup)}
         title = f"Training step, {setup.describe()}"
     dtype = torch.bfloat16 if args.precision == "bf16" or args.gain == "bf16" else torch.float32
+    if args.wait_idle:
+        wait_for_idle_cpu(timeout=args.wait_idle)
     matmul_flops = matmul_throughput(args.matmul_size, dtype)
     results = {}
     for batch_size in args.batch_sizes:
         print(f"batch {batch_size}: building the models, warm-up with FLOP counting, timed steps ...", flush=True)
         results[batch_size] = measure(variants, batch_size, args)
     # Measured again after the steps: the better of the two is the machine's capability.
+    if args.wait_idle:
+        wait_for_idle_cpu(timeout=args.wait_idle)
     matmul_flops = max(matmul_flops, matmul_throughput(args.matmul_size, dtype))
     header = (
         f"{title}; ViT-B/32 shapes, texts {args.text_length} tokens, explanations {args.explanation_length}; median of "

@@ -176,18 +176,32 @@ def _worker_main(connection, factory: Callable[..., Any], args: tuple, kwargs: d
 class Worker:
     """A subprocess holding one object built by `factory(*args, **kwargs)`; `call(name, **kw)` runs its methods.
 
+    `worker_env`: extra environment variables of the worker process only.
+
     `factory` must be a module-level function of an importable module (or of the script run as `__main__`), because
     the process is started with `spawn` (a fresh interpreter: no memory or allocator state shared with the parent).
     """
 
-    def __init__(self, name: str, factory: Callable[..., Any], *args, **kwargs):
+    def __init__(
+        self, name: str, factory: Callable[..., Any], *args, worker_env: dict[str, str] | None = None, **kwargs
+    ):
         self.name = name
         context = multiprocessing.get_context("spawn")
         self._connection, child_connection = context.Pipe()
         self._process = context.Process(
             target=_worker_main, args=(child_connection, factory, args, kwargs), name=name, daemon=True
         )
-        self._process.start()
+        # Environment variables read at process start-up (GLIBC_TUNABLES, OMP_*) must be set when it starts.
+        saved = {key: os.environ.get(key) for key in worker_env or {}}
+        os.environ.update(worker_env or {})
+        try:
+            self._process.start()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         child_connection.close()
         self._started = False
         self.build_info: dict | None = None
