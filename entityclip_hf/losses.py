@@ -16,19 +16,41 @@ def distributed_world() -> tuple[int, int]:
     return 0, 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sends each process the summed gradient of its own rows.
+
+    Every process's loss reads every process's rows, so the gradient of rank r's rows is the sum over processes of
+    the gradient flowing into slice r of the gathered tensor (an all-reduce, then rank r's slice). Written here
+    because `torch.distributed.nn.functional.all_gather` (what open_clip uses) is deprecated in torch 2.13 in
+    favour of a private API.
+    """
+
+    @staticmethod
+    def forward(ctx, features):
+        rank, world_size = distributed_world()
+        ctx.rank, ctx.rows = rank, features.shape[0]
+        gathered = [torch.empty_like(features) for _ in range(world_size)]
+        dist.all_gather(gathered, features)
+        return torch.cat(gathered, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_gathered):
+        grad_gathered = grad_gathered.contiguous()
+        dist.all_reduce(grad_gathered, op=dist.ReduceOp.SUM)
+        return grad_gathered[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
 def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
     """Concatenate `features` [B, D] from every process along dim 0, keeping the gradient path to each process.
 
     `accelerator.gather` (and `dist.all_gather`) cut the graph: negatives from other processes would then push no
-    gradient back to where they were computed. `torch.distributed.nn.functional.all_gather` sends the gradients home
-    in its backward (open_clip's `gather_with_grad`). Every process must hold the same number of rows.
+    gradient back to where they were computed. This gather sends the gradients home in its backward (open_clip's
+    `gather_with_grad`). Every process must hold the same number of rows.
     """
     _, world_size = distributed_world()
     if world_size == 1:
         return features
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(features.contiguous()), dim=0)
+    return _GatherWithGrad.apply(features.contiguous())
 
 
 def contrastive_loss(
