@@ -528,7 +528,8 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
             expert_contrastive_loss=expert_loss,
             itm_loss=matching_loss,
             logits_per_image=logits_per_image,
-            logits_per_text=logits_per_image.t(),
+            # contiguous: an aliased output trips torch.compile's AOTAutograd cache (torch 2.13); B x B is cheap.
+            logits_per_text=logits_per_image.t().contiguous(),
             image_embeds=image_embeds,
             text_embeds=text_embeds,
             expert_image_embeds=expert_image_embeds,

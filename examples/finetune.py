@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--mixed_precision", default=None, choices=["no", "bf16", "fp16"], help="default: accelerate's")
     p.add_argument("--gradient_checkpointing", default=False, **flag)
-    p.add_argument("--compile", default=False, help="torch.compile the model (inductor)", **flag)
+    p.add_argument("--compile", default=False, help="torch.compile CLIP's vision and text encoders (inductor)", **flag)
     p.add_argument(
         "--cpu", default=False, help="train on CPU even if a GPU is there (also: several CPU processes)", **flag
     )
@@ -235,7 +235,8 @@ def make_optimizer(args, model, device):
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
-        fused=device.type == "cuda" or None,
+        # One kernel for all parameters instead of a loop of small ops (1.14x faster steps on CPU, bench/README.md).
+        fused=device.type in ("cuda", "cpu", "xpu", "mps") or None,
     )
 
 
@@ -296,12 +297,10 @@ def replace_dir(tmp: str, final: str) -> None:
 def save_model_folder(accelerator, model, processor, path: str) -> None:
     """`save_pretrained` of model (safetensors, code files for trust_remote_code) and processor, atomically."""
     state_dict = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed: every process calls it
-    # --compile: the state dict of the compiled wrapper names every weight "_orig_mod.<name>".
-    state_dict = {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
     if accelerator.is_main_process:
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(tmp, state_dict=state_dict)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
         processor.save_pretrained(tmp)
         replace_dir(tmp, path)
     accelerator.wait_for_everyone()
@@ -378,10 +377,6 @@ def common_rows(batch, accelerator):
 
 def train(args) -> dict:
     launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.compile:
-        # torch 2.13's AOTAutograd cache replays this model's aliased outputs (logits_per_text is a view of
-        # logits_per_image) with garbage shapes on a warm cache: compiled training then fails from the second run on.
-        torch._functorch.config.enable_autograd_cache = False
     accelerator = Accelerator(
         # Without cpu=True, processes launched on a machine without GPU silently train as independent single runs.
         cpu=args.cpu or (launched_processes > 1 and not torch.cuda.is_available()),
@@ -391,7 +386,6 @@ def train(args) -> dict:
         project_dir=args.output_dir,
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the number of processes
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-        dynamo_backend="inductor" if args.compile else None,
     )
     if accelerator.num_processes != launched_processes:
         raise RuntimeError(f"{launched_processes} processes launched but Accelerate sees {accelerator.num_processes}")
@@ -412,6 +406,11 @@ def train(args) -> dict:
     model, processor = build_model_and_processor(args, datasets["train"]["text"])
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
+    if args.compile:
+        # The encoders are where the time goes and compile to one graph each; the whole model would break its graph
+        # at data-dependent steps (hard-negative sampling). In place: weight names stay those of the model.
+        model.clip.vision_model.compile()
+        model.clip.text_model.compile()
     model.to(accelerator.device)
     optimizer = make_optimizer(args, model, accelerator.device)
     train_loader, eval_loader, test_loader = make_dataloaders(args, datasets, processor)
@@ -536,9 +535,7 @@ def train(args) -> dict:
         log(f"{args.eval_split} after:  {format_metrics(last_eval)}")
     results = {"initial": state["initial"], "final": last_eval, "best_step": state["best_step"], "test": None}
     if test_loader is not None:
-        load_model_folder(
-            accelerator.unwrap_model(model, keep_torch_compile=False), os.path.join(args.output_dir, "best")
-        )
+        load_model_folder(accelerator.unwrap_model(model), os.path.join(args.output_dir, "best"))
         results["test"] = evaluate(model, test_loader, accelerator, args)
         title = f"{args.test_split} split, best/ (step {state['best_step'] or state['step']}):"
         log(format_metrics_table(results["test"], title=title))
