@@ -36,8 +36,9 @@ __all__ = [
     "save_hub_folder",
 ]
 
-#: The card template: `model_card.md` at the top of the source tree.
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_card.md"
+#: The card template: `model_card.md` at the top of the source tree, shipped in wheels as `templates/model_card.md`
+#: (a symbolic link in the source tree, so the two never differ).
+MODEL_CARD_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 
 DEFAULT_COMMIT_MESSAGE = "Upload EntityCLIP model, processor, code and model card"
 
@@ -220,7 +221,7 @@ def render_model_card(
     if not template_file.is_file():
         raise FileNotFoundError(
             f"model card template not found at {template_file}; pass template_path= (the package's template is "
-            "model_card.md at the top of its source tree)."
+            "entityclip_hf/templates/model_card.md, a link to model_card.md at the top of its source tree)."
         )
     # StrictUndefined: a misspelt variable in the template fails here instead of leaving a hole in a published card.
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
