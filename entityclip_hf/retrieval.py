@@ -12,7 +12,7 @@ once, stored as a safetensors file with its ids, and searched with a matrix prod
     hits = index.search(encode_texts(model, processor, ["Angela Merkel in Aachen"]), k=20)
 
 Works with plain `CLIPModel` checkpoints too (for baselines); reranking needs EntityCLIP's ITM head. From the
-command line: `python -m entityclip_hf.retrieval {encode,search} --help`.
+command line: `entityclip-search {encode,search} --help` (or `python -m entityclip_hf.retrieval`).
 """
 
 from __future__ import annotations
@@ -935,7 +935,7 @@ def _parser():
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m entityclip_hf.retrieval",
+        prog="entityclip-search",
         description="Encode a gallery to an embedding file, or search one with text (or image) queries.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -972,7 +972,7 @@ def _parser():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The `python -m entityclip_hf.retrieval {encode,search} ...` command; exit status 0 (2 on bad input)."""
+    """The `entityclip-search {encode,search} ...` command; exit status 0 (2 on bad input)."""
     run(argv)
     return 0
 
