@@ -280,7 +280,9 @@ def format_metrics(metrics: dict[str, float]) -> str:
 def is_better(value: float, best: float | None, metric: str) -> bool:
     if best is None:
         return True
-    return value < best if metric.endswith("loss") or metric.endswith("rank") else value > best
+    # A tie is not an improvement, also when rsum's sum of percentages differs from the best in its last bits.
+    margin = 1e-9 * max(1.0, abs(best))
+    return value < best - margin if metric.endswith("loss") or metric.endswith("rank") else value > best + margin
 
 
 # ----------------------------------------------------------------------------------------------------- saving
