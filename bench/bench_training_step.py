@@ -126,8 +126,8 @@ class TrainingStep:
             self.clip.vision_model.compile()
             self.clip.text_model.compile()
         elif setup.compile == "model":
-            # torch 2.13's AOTAutograd cache replays the aliased outputs (logits_per_text is a view of
-            # logits_per_image) with garbage shapes from a warm cache (as examples/finetune.py notes).
+            # torch 2.13's AOTAutograd cache replays aliased outputs with garbage shapes from a warm cache: CLIPModel
+            # returns logits_per_text as a view of logits_per_image (EntityCLIP returns a contiguous copy).
             torch._functorch.config.enable_autograd_cache = False
             self.model.compile()
         optimizer_flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
