@@ -178,9 +178,9 @@ def resolve_explanations(
         if caches:
             shared.extend(sorted(path for path in folder.iterdir() if path.suffix.lower() in CACHE_SUFFIXES))
 
-    if explanations is None:
-        pass
-    elif isinstance(explanations, str) and explanations == "auto":
+    if explanations is None:  # no explanation files are searched or joined
+        return ExplanationSources(per_split, shared, model, prompt_version)
+    if isinstance(explanations, str) and explanations == "auto":
         # Not the caches in root itself: the plain format's split files are .jsonl too.
         search_folder(root, fmt.explanation_dirs, caches=False)
         if (root / EXPLANATIONS_SUBDIR).is_dir():
