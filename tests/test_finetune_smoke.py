@@ -24,8 +24,8 @@ SMALL = [
 ]  # fmt: skip
 
 
-def run(script, *args, expect=0):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def run(script, *args, expect=0, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     result = subprocess.run([sys.executable, str(script), *map(str, args)], env=env, capture_output=True, text=True)
     assert result.returncode == expect, result.stderr[-4000:]
     return result.stdout + result.stderr
@@ -151,6 +151,30 @@ def test_start_from_a_clip_checkpoint_then_continue_in_bf16_with_checkpointing(t
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert json.loads((tmp_path / "continued" / "final" / "config.json").read_text())["gamma"] == 0.5
+
+
+def test_compile_trains_like_eager_and_saves_plain_weight_names(tmp_path, data_root):
+    from safetensors import safe_open
+
+    inductor_cache = tmp_path / "inductor"
+
+    def train(name, *flags):
+        steps = ["--max_steps", 2, "--eval_split", "", "--test_split", "", "--output_dir", tmp_path / name]
+        env = {"TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)}  # its own cache: shows that inductor really compiled
+        run(EXAMPLES / "finetune.py", *SMALL, *steps, "--dataset_root", data_root, *flags, env=env)
+        log = (tmp_path / name / "train_log.jsonl").read_text().splitlines()
+        losses = [json.loads(line)["train/loss"] for line in log if "train/loss" in line]
+        with safe_open(tmp_path / name / "final" / "model.safetensors", "pt") as weights:
+            return losses, set(weights.keys())
+
+    eager_losses, eager_names = train("eager")
+    assert not any(inductor_cache.rglob("*.py")), "the eager run compiles nothing"
+    compiled_losses, compiled_names = train("compiled", "--compile")
+    assert any(inductor_cache.rglob("*.py")), "inductor generated kernels"
+    assert compiled_names == eager_names, "compiled encoders keep the model's weight names (no _orig_mod.)"
+    assert len(compiled_losses) == 2
+    # Same seed, same batches: inductor's kernels round differently, nothing more.
+    torch.testing.assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), rtol=1e-3, atol=1e-4)
 
 
 def test_an_undecodable_image_does_not_stop_training(tmp_path, data_root):
