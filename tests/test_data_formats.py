@@ -159,6 +159,27 @@ def test_visualnews_relative_image_paths_and_the_authors_absolute_explanation_ke
     assert paths[0]["path"] == str(root.resolve() / "images" / "washington_post" / "images" / "0376" / "501.jpg")
 
 
+def test_visualnews_row_never_gets_the_explanation_of_another_folders_same_named_image(tmp_path):
+    root = tmp_path / "VisualNews"
+    rows = [
+        {"id": 1, "caption": "Barack Obama waves.", "topic": "politics", "source": "washington_post",
+         "image_path": "./washington_post/images/0376/501.jpg"},
+        {"id": 2, "caption": "Usain Bolt wins.", "topic": "sports", "source": "bbc",
+         "image_path": "./bbc/images/0001/501.jpg"},
+    ]  # fmt: skip
+    write_json(root / "train.json", rows)
+    for row in rows:
+        write_jpeg(root / "images" / row["image_path"])
+    # Only the Washington Post image has an explanation; the BBC image shares its file name.
+    write_json(
+        root / "CapDsc_mistral_train.json",
+        {"/star/someone/VisualNews/images//washington_post/images/0376/501.jpg": "Obama explanation."},
+    )
+    dataset, report = load_entity_dataset("visualnews", root, return_report=True)
+    assert dataset["train"]["explanation"] == ["Obama explanation.", None]
+    assert report.splits["train"].issues["missing_explanation"].examples[0][0] == "2", "reported, not filled in"
+
+
 def test_goodnews_resized_folder_broken_list_and_corrected_explanations(tmp_path):
     root = tmp_path / "GoodNews"
     rows = {

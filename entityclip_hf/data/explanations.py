@@ -3,8 +3,8 @@
 - Released format (`CapDsc_mistral_{split}.json`, GoodNews `New_Corr_CapDsc_mistral_{split}.json`): one JSON object
   mapping an image to its explanation. N24News and GoodNews key by file name (`abc.jpg`); VisualNews by the
   authors' absolute paths (`/star/.../images//washington_post/images/0376/501.jpg`). A row matches the key that
-  ends with the row's image path relative to the image folder (the longest such tail), else the key with the same
-  file name: no absolute path of anyone's machine is needed.
+  ends with the row's image path relative to the image folder, else a key that is the row's bare file name: no
+  absolute path of anyone's machine is needed, and no row gets the explanation of another folder's same-named image.
 - Cache format (JSON lines written by `entityclip_hf.explain`): keyed by text; a row matches by its text as
   written in the dataset file, else by its whitespace-normalised text.
 """
@@ -62,29 +62,43 @@ class ReleasedExplanations:
             logger.warning(
                 "%s: %d entries are not text and are ignored (e.g. %s)", self.path, len(not_text), not_text[:3]
             )
-        self._by_depth: dict[int, dict[str, str]] = {}
+        self._by_depth: dict[int, dict[str, str | None]] = {}
+        self._bare: dict[str, str] | None = None
 
     def __str__(self) -> str:
         return str(self.path)
 
-    def _index(self, depth: int) -> dict[str, str]:
+    def _index(self, depth: int) -> dict[str, str | None]:
         # Built on first use, one per path depth the rows need (N24News: 1; VisualNews: 4), to keep memory flat.
+        # A tail shared by keys with different explanations maps to None: VisualNews reuses file names (501.jpg) in
+        # every folder, and matching such a name would hand a row another image's explanation.
         if depth not in self._by_depth:
-            index = {}
+            index: dict[str, str | None] = {}
             for key, explanation in self._entries.items():
                 parts = key.split("/")
                 if len(parts) >= depth:
-                    index["/".join(parts[-depth:])] = explanation
+                    tail = "/".join(parts[-depth:])
+                    index[tail] = explanation if index.get(tail, explanation) == explanation else None
             self._by_depth[depth] = index
         return self._by_depth[depth]
 
     def lookup(self, image_key: str, raw_text: str, text: str) -> str | None:
+        """The explanation of the key ending with the row's image path (relative to the image folder).
+
+        A row in a subfolder (VisualNews: `bbc/images/0001/501.jpg`) also matches a key that is a bare file name
+        (`501.jpg`, as JSON-lines users may write), but never another folder's key with the same file name: VisualNews
+        reuses names like `501.jpg` in every folder. A tail shared by keys with different explanations matches none.
+        """
         parts = normalise_key(image_key).split("/")
-        for depth in (len(parts), 1) if len(parts) > 1 else (1,):
-            explanation = self._index(depth).get("/".join(parts[-depth:]))
-            if explanation is not None:
-                return explanation
-        return None
+        explanation = self._index(len(parts)).get("/".join(parts))
+        if explanation is None and len(parts) > 1:
+            explanation = self._bare_names().get(parts[-1])
+        return explanation
+
+    def _bare_names(self) -> dict[str, str]:
+        if self._bare is None:
+            self._bare = {key: explanation for key, explanation in self._entries.items() if "/" not in key}
+        return self._bare
 
 
 class CachedExplanations:
