@@ -57,18 +57,18 @@ def test_every_problem_is_counted_with_ids_and_bad_pairs_are_left_out(messy, cap
     with caplog.at_level(logging.WARNING, logger="entityclip_hf.data"):
         dataset, report = load_entity_dataset("jsonl", messy, return_report=True)
     train = dataset["train"]
-    # good1, good2, the duplicate id, and the truncated JPEG (its header is fine: the default check is cheap).
-    assert train["id"] == ["good1", "good2", "good1", "truncated"]
+    # good1, good2 and the duplicate id; the truncated JPEG is left out although its header is fine.
+    assert train["id"] == ["good1", "good2", "good1"]
     split = report.splits["train"]
-    assert split.rows_read == 12 and split.rows_kept == 4
+    assert split.rows_read == 12 and split.rows_kept == 3
     assert split.count("empty_text") == 2
     assert [sample_id for sample_id, _ in split.issues["empty_text"].examples] == ["blank", "null-text"]
     assert split.count("missing_image") == 1
     sample_id, detail = split.issues["missing_image"].examples[0]
     assert sample_id == "gone" and "missing.jpg" in detail
-    assert split.count("corrupt_image") == 1
-    sample_id, detail = split.issues["corrupt_image"].examples[0]
-    assert sample_id == "garbage" and "UnidentifiedImageError" in detail
+    assert split.count("corrupt_image") == 2
+    reasons = dict(split.issues["corrupt_image"].examples)
+    assert "UnidentifiedImageError" in reasons["garbage"] and "truncated" in reasons["truncated"]
     assert split.count("bad_record") == 4
     reasons = dict(split.issues["bad_record"].examples)
     assert "no field 'image'" in reasons["no-image"]
@@ -83,10 +83,22 @@ def test_every_problem_is_counted_with_ids_and_bad_pairs_are_left_out(messy, cap
     # The summary is printed (logged as a warning) with the ids.
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "missing image file: 1 (e.g. gone" in logged
-    assert "unreadable image file: 1 (e.g. garbage" in logged
+    assert "unreadable image file: 2 (e.g. garbage (" in logged and "; truncated (" in logged
     assert "empty text: 2 (e.g. blank; null-text)" in logged
     assert "duplicate id: 1 (e.g. good1)" in logged
-    assert json.loads(json.dumps(report.to_dict()))["splits"]["train"]["rows_kept"] == 4
+    assert json.loads(json.dumps(report.to_dict()))["splits"]["train"]["rows_kept"] == 3
+
+
+def test_header_check_decodes_only_jpegs_without_an_end_marker(tmp_path, monkeypatch):
+    whole, padded, cut = tmp_path / "whole.jpg", tmp_path / "padded.jpg", tmp_path / "cut.jpg"
+    write_jpeg(whole)
+    padded.write_bytes(whole.read_bytes() + b"\x00" * 100)  # bytes after the end marker: PIL reads it fine
+    write_truncated_jpeg(cut)
+    assert image_error(str(whole), "header") is None and image_error(str(padded), "header") is None
+    assert "truncated" in image_error(str(cut), "header")
+    # A whole JPEG is not decoded by the header check (it stays cheap on millions of files).
+    monkeypatch.setattr(Image.Image, "load", lambda self: (_ for _ in ()).throw(AssertionError("decoded")))
+    assert image_error(str(whole), "header") is None
 
 
 def test_decode_check_also_finds_truncated_files(messy):
@@ -111,7 +123,7 @@ def test_strict_mode_raises_with_the_report(messy):
         load_entity_dataset("jsonl", messy, strict=True)
     message = str(error.value)
     assert "strict=True" in message and "missing image file: 1 (e.g. gone" in message
-    assert error.value.report.count("corrupt_image") == 1
+    assert error.value.report.count("corrupt_image") == 2
 
 
 def test_strict_mode_accepts_clean_data_and_rows_without_explanations(tmp_path):
@@ -160,6 +172,7 @@ def test_image_check_is_cached_and_redone_when_a_file_changes(messy, tmp_path):
     assert [sample_id for sample_id, _ in report.splits["train"].issues["corrupt_image"].examples] == [
         "good2",
         "garbage",
+        "truncated",
     ]
 
 
@@ -170,3 +183,14 @@ def test_image_error_reports_instead_of_raising(tmp_path):
     assert image_error(str(tmp_path / "ok.jpg"), "decode") is None
     assert image_error(str(tmp_path / "bad.png"), "header") is not None
     assert "FileNotFoundError" in image_error(str(tmp_path / "none.jpg"), "header")
+
+
+def test_command_line_shows_an_unreadable_first_image_instead_of_crashing(tmp_path, capsys):
+    from entityclip_hf.data.cli import main
+
+    root = tmp_path / "data"
+    (root / "img").mkdir(parents=True)
+    (root / "img" / "broken.jpg").write_bytes(b"not an image")
+    (root / "train.jsonl").write_text(json.dumps({"id": "a", "image": "img/broken.jpg", "text": "Alpha."}) + "\n")
+    assert main(["jsonl", "--root", str(root), "--check-images", "none"]) == 0
+    assert '"image": "unreadable (UnidentifiedImageError' in capsys.readouterr().out

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import sys
 from collections.abc import Sequence
 
+import PIL.Image
+
+from .collator import lazy_images
 from .formats import FORMATS
 from .loading import IMAGE_CHECKS, load_entity_dataset
 from .report import DataError
@@ -68,13 +72,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _write_report(args.report_json, report)
     print(dataset)
-    for split, rows in dataset.items():
+    for split, rows in lazy_images(dataset).items():
         if len(rows):
             row = rows[0]
             shown = {key: value for key, value in row.items() if key != "image"}
-            shown["image"] = f"{row['image'].size[0]}x{row['image'].size[1]} {row['image'].mode}"
+            shown["image"] = _describe_image(row["image"])
             print(f"{split}[0]: {json.dumps(shown, ensure_ascii=False)}")
     return 0
+
+
+def _describe_image(image: dict) -> str:
+    """Size and mode from the file's header (no pixels decoded): an image damaged since the check cannot crash this."""
+    source = image["path"] if image.get("bytes") is None else io.BytesIO(image["bytes"])
+    try:
+        with PIL.Image.open(source) as opened:
+            return f"{opened.size[0]}x{opened.size[1]} {opened.mode}"
+    except Exception as error:  # noqa: BLE001 - PIL raises many types; this line is information only
+        return f"unreadable ({type(error).__name__}: {error})"
 
 
 def _write_report(path: str | None, report) -> None:

@@ -72,14 +72,33 @@ def _stat_images(paths: list[str], split: str) -> list[tuple[int, int] | str]:
     return results
 
 
+# How far from its end a JPEG's end-of-image marker may sit (some writers append a few bytes after it).
+_JPEG_TAIL_BYTES = 4096
+
+
+def _jpeg_has_end_marker(path: str) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, handle.tell() - _JPEG_TAIL_BYTES))
+        return b"\xff\xd9" in handle.read()
+
+
 def image_error(path: str, mode: str) -> str | None:
-    """Why the image file at `path` cannot be used, or None. `mode`: "header" (open + verify) or "decode"."""
+    """Why the image file at `path` cannot be used, or None. `mode`: "header" (open + verify) or "decode".
+
+    "header" also catches the most common damage, a JPEG cut short (an interrupted download or copy): PIL's verify
+    reads only a JPEG's headers, so a JPEG without its end-of-image marker near the end is decoded to decide.
+    """
     try:
         with Image.open(path) as image:
             if mode == "decode":
                 image.load()
-            else:
-                image.verify()
+                return None
+            image_format = image.format
+            image.verify()
+        if image_format == "JPEG" and not _jpeg_has_end_marker(path):
+            with Image.open(path) as image:
+                image.load()
     # PIL raises many exception types on damaged files (OSError, SyntaxError, struct.error, IndexError, ...): one
     # bad file must be reported, never stop the check of the others.
     except Exception as error:  # noqa: BLE001
