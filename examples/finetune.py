@@ -20,10 +20,13 @@ import re
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
 from accelerate.utils import set_seed
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, CLIPImageProcessorPil, CLIPTokenizer, get_scheduler
@@ -309,9 +312,15 @@ def save_model_folder(accelerator, model, processor, path: str) -> None:
 
 
 def load_model_folder(model, path: str) -> None:
-    """Load the weights of a `save_pretrained` folder into `model` in place (to evaluate best/ on the test split)."""
-    saved = EntityCLIPModel.from_pretrained(path, dtype=torch.float32)
-    model.load_state_dict(saved.state_dict())
+    """Load the weights of a `save_pretrained` folder into the prepared `model` in place (to test best/).
+
+    `set_model_state_dict` takes the full tensors whatever wraps the model (DDP here; it would also fill FSDP shards).
+    Every process calls it.
+    """
+    full_state_dict = {}
+    for shard in sorted(Path(path).glob("*.safetensors")):  # one file, or the shards of a large model
+        full_state_dict.update(load_file(shard))
+    set_model_state_dict(model, full_state_dict, options=StateDictOptions(full_state_dict=True, strict=True))
 
 
 def checkpoint_steps(output_dir: str) -> list[int]:
@@ -377,6 +386,19 @@ def common_rows(batch, accelerator):
     return {key: batch[key][:rows] for key in MODEL_INPUTS if key in batch}, rows
 
 
+def check_distributed_setup(accelerator, launched_processes: int) -> None:
+    """Refuse the setups that would train wrongly or fail late, before any work is done."""
+    if accelerator.num_processes != launched_processes:
+        raise RuntimeError(f"{launched_processes} processes launched but Accelerate sees {accelerator.num_processes}")
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # FSDP1 fails when saving, FSDP2 when wrapping: both refuse scalar parameters (pytorch/pytorch#132934).
+        raise ValueError(
+            "FSDP cannot shard CLIP's `logit_scale`, a scalar parameter (torch's FSDP refuses those), so EntityCLIP "
+            "trains with DDP: `accelerate launch --multi_gpu ...`. To save memory, add --gradient_checkpointing "
+            "and --mixed_precision bf16."
+        )
+
+
 def train(args) -> dict:
     launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
@@ -389,14 +411,17 @@ def train(args) -> dict:
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the number of processes
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
-    if accelerator.num_processes != launched_processes:
-        raise RuntimeError(f"{launched_processes} processes launched but Accelerate sees {accelerator.num_processes}")
+    check_distributed_setup(accelerator, launched_processes)
 
     def log(message: str) -> None:  # main process only, without breaking the progress bar
         if accelerator.is_main_process:
             tqdm.write(message)
 
     log(json.dumps(vars(args), indent=2))
+    log(
+        f"{accelerator.num_processes} process(es), distributed type {accelerator.distributed_type.value}, "
+        f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}"
+    )
     set_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
 
@@ -537,7 +562,7 @@ def train(args) -> dict:
         log(f"{args.eval_split} after:  {format_metrics(last_eval)}")
     results = {"initial": state["initial"], "final": last_eval, "best_step": state["best_step"], "test": None}
     if test_loader is not None:
-        load_model_folder(accelerator.unwrap_model(model), os.path.join(args.output_dir, "best"))
+        load_model_folder(model, os.path.join(args.output_dir, "best"))
         results["test"] = evaluate(model, test_loader, accelerator, args)
         title = f"{args.test_split} split, best/ (step {state['best_step'] or state['step']}):"
         log(format_metrics_table(results["test"], title=title))

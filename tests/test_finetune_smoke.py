@@ -48,6 +48,49 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
+def test_fsdp_is_refused_with_what_to_use_instead():
+    from types import SimpleNamespace
+
+    from accelerate import DistributedType
+
+    finetune.check_distributed_setup(SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_GPU), 2)
+    fsdp = SimpleNamespace(num_processes=2, distributed_type=DistributedType.FSDP)
+    with pytest.raises(ValueError, match="logit_scale.*--multi_gpu"):
+        finetune.check_distributed_setup(fsdp, 2)
+    with pytest.raises(RuntimeError, match="2 processes launched but Accelerate sees 1"):
+        finetune.check_distributed_setup(SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO), 2)
+
+
+def test_fsdp_still_refuses_clip_s_scalar_logit_scale(tiny_clip_config, tmp_path):
+    """Why FSDP is refused: if a torch release lifts the restriction, this fails and FSDP can be allowed."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from entityclip_hf import EntityCLIPConfig, EntityCLIPModel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="scalar parameters"):
+            fully_shard(
+                EntityCLIPModel(EntityCLIPConfig(clip_config=tiny_clip_config)), mesh=init_device_mesh("cpu", (1,))
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_load_model_folder_loads_best_weights_in_place(tiny_clip_config, tmp_path):
+    from entityclip_hf import EntityCLIPConfig, EntityCLIPModel
+
+    torch.manual_seed(0)
+    EntityCLIPModel(EntityCLIPConfig(clip_config=tiny_clip_config)).save_pretrained(tmp_path / "best")
+    torch.manual_seed(1)
+    model = EntityCLIPModel(EntityCLIPConfig(clip_config=tiny_clip_config))
+    finetune.load_model_folder(model, str(tmp_path / "best"))
+    saved = EntityCLIPModel.from_pretrained(tmp_path / "best").state_dict()
+    assert all(torch.equal(value, saved[name]) for name, value in model.state_dict().items())
+
+
 # ---------------------------------------------------------------------------------------------- configuration
 def test_config_file_then_command_line_overrides(tmp_path):
     config = tmp_path / "run.json"
