@@ -14,6 +14,7 @@ Outputs in --output_dir: `checkpoints/step_N` (Accelerate state: resume with --r
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -23,8 +24,10 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
 from accelerate.utils import set_seed
+from datasets.utils import logging as datasets_logging
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.utils.data import DataLoader
@@ -412,6 +415,12 @@ def train(args) -> dict:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
     check_distributed_setup(accelerator, launched_processes)
+    if not accelerator.is_main_process:
+        # One copy of every report, warning and progress bar: the main process's.
+        logging.getLogger("entityclip_hf").setLevel(logging.ERROR)
+        datasets_logging.set_verbosity_error()
+        datasets_logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
 
     def log(message: str) -> None:  # main process only, without breaking the progress bar
         if accelerator.is_main_process:
@@ -494,7 +503,7 @@ def train(args) -> dict:
 
     if eval_loader is not None and state["step"] == 0:
         run_eval()  # R@K before training
-    progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_local_main_process)
+    progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_main_process)
     sums, micro_batches, last_eval, last_saved, started = torch.zeros(len(LOSS_NAMES)), 0, None, None, time.time()
     start_epoch, skip = state["epoch"], state["batches_in_epoch"]
     model.train()

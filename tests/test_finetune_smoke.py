@@ -196,6 +196,42 @@ def test_start_from_a_clip_checkpoint_then_continue_in_bf16_with_checkpointing(t
     assert json.loads((tmp_path / "continued" / "final" / "config.json").read_text())["gamma"] == 0.5
 
 
+def test_best_holds_the_weights_of_the_best_evaluation_and_logit_scale_stays_clamped(
+    tmp_path, data_root, tiny_processor
+):
+    import math
+
+    from safetensors.torch import load_file
+    from transformers import CLIPModel
+
+    from entityclip_hf.tiny_models import tiny_clip_config
+
+    clip = CLIPModel(tiny_clip_config(tiny_processor.tokenizer))
+    with torch.no_grad():
+        clip.logit_scale.fill_(10.0)  # far above the clamp, log(100): the first step must bring it back
+    clip.save_pretrained(tmp_path / "clip")
+    tiny_processor.tokenizer.save_pretrained(tmp_path / "clip")
+    tiny_processor.image_processor.save_pretrained(tmp_path / "clip")
+    out = tmp_path / "run"
+    run(
+        EXAMPLES / "finetune.py", *SMALL, "--dataset_root", data_root, "--model", tmp_path / "clip",
+        "--output_dir", out, "--max_steps", 6, "--eval_every", 2, "--save_every", 2, "--keep_checkpoints", 3,
+        "--best_metric", "contrastive_loss", "--test_split", "",
+    )  # fmt: skip
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["eval/contrastive_loss"]) for r in records if "eval/contrastive_loss" in r]
+    assert [step for step, _ in losses] == [0, 2, 4, 6]
+    best_step = min(losses, key=lambda item: item[1])[0]  # the lowest; min() keeps the first of equal values
+    assert best_step > 0, "training lowered the validation loss"
+    best = load_file(out / "best" / "model.safetensors")
+    at_best_step = load_file(out / "checkpoints" / f"step_{best_step}" / "model.safetensors")
+    assert best.keys() == at_best_step.keys()
+    assert all(torch.equal(best[name], at_best_step[name]) for name in best), f"best/ is the model of step {best_step}"
+    for folder in ("best", "final"):
+        logit_scale = load_file(out / folder / "model.safetensors")["clip.logit_scale"]
+        assert logit_scale.item() <= math.log(100) + 1e-6, f"{folder}: clamped after each optimizer step"
+
+
 def test_compile_trains_like_eager_and_saves_plain_weight_names(tmp_path, data_root):
     from safetensors import safe_open
 
