@@ -194,3 +194,71 @@ def test_command_line_shows_an_unreadable_first_image_instead_of_crashing(tmp_pa
     (root / "train.jsonl").write_text(json.dumps({"id": "a", "image": "img/broken.jpg", "text": "Alpha."}) + "\n")
     assert main(["jsonl", "--root", str(root), "--check-images", "none"]) == 0
     assert '"image": "unreadable (UnidentifiedImageError' in capsys.readouterr().out
+
+
+# The same bad rows in each published dataset's own layout: (id, text, image state, has an explanation).
+BAD_ROWS = [
+    ("a1", "Alpha in Rome.", "ok", True),
+    ("a2", "Beta in Oslo.", "ok", False),
+    ("a1", "Alpha again.", "ok", True),  # duplicate id: kept, reported
+    ("a3", "   ", "ok", True),  # empty text
+    ("a4", "Delta.", "missing", True),
+    ("a5", "Epsilon.", "garbage", True),
+    ("a6", "Zeta.", "truncated", True),
+]
+
+
+def _write_image(path: Path, state: str) -> None:
+    if state == "ok":
+        write_jpeg(path)
+    elif state == "garbage":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"not an image")
+    elif state == "truncated":
+        write_truncated_jpeg(path)
+
+
+def _write_published_layout(name: str, root: Path) -> None:
+    """Write BAD_ROWS as N24News, VisualNews or GoodNews files (train split), with released explanations."""
+    records, explanations = [], {}
+    for sample_id, text, state, explained in BAD_ROWS:
+        if name == "n24news":
+            records.append({"image_id": sample_id, "caption": text, "section": "World", "headline": "H"})
+            image, key = root / "imgs" / f"{sample_id}.jpg", f"{sample_id}.jpg"
+        elif name == "visualnews":
+            relative = f"bbc/images/0001/{sample_id}.jpg"
+            records.append({"id": sample_id, "caption": text, "topic": "t", "source": "bbc", "image_path": relative})
+            image, key = root / "images" / relative, f"/authors/VisualNews/images//{relative}"
+        else:
+            records.append({"image_id": f"{sample_id}.jpg", "captioning": text, "title": "T"})
+            image, key = root / "images" / f"{sample_id}.jpg", f"{sample_id}.jpg"
+        _write_image(image, state)
+        if explained:
+            explanations[key] = f"About {sample_id}."
+    files = {
+        "n24news": ("news/nytimes_train.json", "news/CapDsc_mistral_train.json"),
+        "visualnews": ("train.json", "CapDsc_mistral_train.json"),
+        "goodnews": ("new_goodnews_capim_train.json", "train_cap_individual/New_Corr_CapDsc_mistral_train.json"),
+    }[name]
+    for relative, data in zip(files, (records, explanations), strict=True):
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text(json.dumps(data), encoding="utf-8")
+    (root / "images").mkdir(exist_ok=True)
+
+
+@pytest.mark.parametrize("name", ["n24news", "visualnews", "goodnews"])
+def test_every_bad_data_case_in_each_published_layout(name, tmp_path):
+    root = tmp_path / name
+    _write_published_layout(name, root)
+    dataset, report = load_entity_dataset(name, root, return_report=True)
+    suffix = ".jpg" if name == "goodnews" else ""  # GoodNews ids are image file names
+    train, split = dataset["train"], report.splits["train"]
+    assert train["id"] == [f"a1{suffix}", f"a2{suffix}", f"a1{suffix}"]
+    assert train["explanation"] == ["About a1.", None, "About a1."]
+    assert split.rows_read == 7 and split.rows_kept == 3
+    expected = {"empty_text": ["a3"], "missing_image": ["a4"], "corrupt_image": ["a5", "a6"]}
+    expected |= {"duplicate_id": ["a1"], "missing_explanation": ["a2"]}
+    for problem, ids in expected.items():
+        assert [sample_id for sample_id, _ in split.issues[problem].examples] == [i + suffix for i in ids], problem
+    with pytest.raises(DataError):
+        load_entity_dataset(name, root, strict=True)
