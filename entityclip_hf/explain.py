@@ -165,18 +165,29 @@ def read_explanation_cache(
 ) -> dict[str, str]:
     """Map each text to its explanation from a cache file (ok entries only; later lines win).
 
-    ``model`` and ``prompt_version`` restrict the entries to one generator / one prompt; with None, entries of every
-    model or prompt version count, and the later line wins when a text has several.
+    ``model`` and ``prompt_version`` restrict the entries to one generator / one prompt. With ``prompt_version=None``
+    every version counts, but an entry of the current prompt (`PROMPT_VERSION`) wins over older ones whatever the
+    line order, and the texts explained only by an older prompt are counted in a warning: a changed prompt is never
+    silently mixed in. With ``model=None`` every model counts; the later line wins.
     """
-    explanations: dict[str, str] = {}
+    chosen: dict[str, tuple[bool, str]] = {}  # text -> (written with the current prompt, explanation)
     for record in iter_cache_records(path):
         if model is not None and record["model"] != model:
             continue
         if prompt_version is not None and record["prompt_version"] != prompt_version:
             continue
         if record["ok"]:
-            explanations[record["text"]] = record["explanation"]
-    return explanations
+            current = record["prompt_version"] == PROMPT_VERSION
+            if current or not chosen.get(record["text"], (False, ""))[0]:
+                chosen[record["text"]] = (current, record["explanation"])
+    older = [text for text, (current, _) in chosen.items() if not current]
+    if older and prompt_version is None:
+        logger.warning(
+            "%s: %d of %d explanations come from a prompt version other than the current %r (e.g. for %r); pass "
+            "prompt_version= to choose one, or rerun entityclip-explain to regenerate them",
+            path, len(older), len(chosen), PROMPT_VERSION, older[0][:80],
+        )  # fmt: skip
+    return {text: explanation for text, (_, explanation) in chosen.items()}
 
 
 class CacheLockedError(RuntimeError):

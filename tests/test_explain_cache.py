@@ -95,7 +95,7 @@ def test_cache_lines_have_the_fixed_format_and_read_back(tmp_path):
     assert read_explanation_cache(path) == {"first text": "First explanation."}
 
 
-def test_read_filters_by_model_and_version_and_later_lines_win(tmp_path):
+def test_read_filters_by_model_and_version_and_later_lines_win(tmp_path, caplog):
     path = tmp_path / "cache.jsonl"
     write_results(path, "model-a", [ExplanationResult("t1", "a1"), ExplanationResult("t2", "a2")])
     write_results(path, "model-b", [ExplanationResult("t1", "b1")])
@@ -107,8 +107,15 @@ def test_read_filters_by_model_and_version_and_later_lines_win(tmp_path):
     }
     assert read_explanation_cache(path, model="model-b") == {"t1": "b1"}
     assert read_explanation_cache(path, prompt_version="older-prompt") == {"t1": "a1-newer"}
-    # No filter: every model and version counts, the last ok line per text wins.
-    assert read_explanation_cache(path) == {"t1": "a1-newer", "t2": "a2-newer"}
+    # No filter: every model counts and the last ok line per text wins, but the current prompt's entries win over
+    # an older prompt's whatever the order; texts explained only by an older prompt are kept and warned about.
+    with caplog.at_level(logging.WARNING, logger="entityclip_hf.explain"):
+        assert read_explanation_cache(path) == {"t1": "b1", "t2": "a2-newer"}
+    assert not caplog.records
+    write_results(path, "model-a", [ExplanationResult("t3", "old only")], prompt_version="older-prompt")
+    with caplog.at_level(logging.WARNING, logger="entityclip_hf.explain"):
+        assert read_explanation_cache(path)["t3"] == "old only"
+    assert "1 of 3 explanations come from a prompt version other than the current" in caplog.text
 
 
 def test_torn_last_line_is_skipped_and_next_append_starts_on_a_fresh_line(tmp_path, caplog):
