@@ -559,6 +559,8 @@ def train(args) -> dict:
             if done:
                 break
     progress.close()
+    if eval_loader is not None and last_eval is None:  # --resume of a finished run: nothing trained, still report
+        last_eval = run_eval()
 
     if last_saved != state["step"]:
         save_checkpoint(accelerator, args, state)

@@ -162,6 +162,16 @@ def test_train_evaluate_save_then_reload_in_a_fresh_process(tmp_path, data_root)
     assert output.count('query: "') == 3 and output.count("\n  5. ") == 3
 
 
+def test_resuming_a_finished_run_trains_nothing_and_still_reports(tmp_path, data_root):
+    steps = ["--max_steps", 3, "--test_split", "", "--output_dir", tmp_path / "run", "--dataset_root", data_root]
+    run(EXAMPLES / "finetune.py", *SMALL, *steps)
+    first = json.loads((tmp_path / "run" / "results.json").read_text())
+    output = run(EXAMPLES / "finetune.py", *SMALL, *steps, "--resume")
+    again = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert "trained to step 3" in output
+    assert again["final"] == first["final"], "the same model, evaluated again"
+
+
 def test_a_new_run_refuses_an_used_output_dir(tmp_path, data_root, fresh_accelerate_state):
     (tmp_path / "checkpoints" / "step_3").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="holds an earlier run"):  # would silently mix two runs' checkpoints
