@@ -45,7 +45,9 @@ from entityclip_hf.tiny_models import tiny_clip_config, tiny_image_processor, tr
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "explanation_input_ids", "explanation_attention_mask")
 LOSS_NAMES = ("loss", "contrastive_loss", "expert_contrastive_loss", "itm_loss")
 STATE_FILE = "trainer_state.json"
-RUN_OUTPUTS = ("checkpoints", "best", "final", "train_log.jsonl", "results.json")  # --overwrite_output_dir deletes
+TRACKER_PROJECT = "entityclip"  # accelerator.init_trackers' project: TensorBoard writes to <output_dir>/entityclip
+# What a run writes into --output_dir, and what --overwrite_output_dir deletes.
+RUN_OUTPUTS = ("checkpoints", "best", "final", "train_log.jsonl", "results.json", TRACKER_PROJECT)
 
 
 def str2bool(value) -> bool:
@@ -473,7 +475,7 @@ def train(args) -> dict:
             state = json.load(f)
         log(f"resumed from {resume_dir} at step {state['step']} (epoch {state['epoch']})")
     accelerator.init_trackers(
-        "entityclip", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        TRACKER_PROJECT, config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
     )
     log_file = open(os.path.join(args.output_dir, "train_log.jsonl"), "a") if accelerator.is_main_process else None
     if log_file:  # which run wrote the lines that follow (a resumed run repeats the steps after its checkpoint)

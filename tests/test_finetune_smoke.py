@@ -179,6 +179,20 @@ def test_a_new_run_refuses_an_used_output_dir(tmp_path, data_root, fresh_acceler
     assert (tmp_path / "checkpoints" / "step_3").exists(), "nothing deleted without --overwrite_output_dir"
 
 
+def test_overwrite_output_dir_deletes_only_the_earlier_run(tmp_path, data_root):
+    (tmp_path / "checkpoints" / "step_3").mkdir(parents=True)
+    (tmp_path / "entityclip").mkdir()
+    (tmp_path / "entityclip" / "events.out.tfevents.old").write_text("old run")
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    steps = ["--max_steps", 1, "--eval_split", "", "--test_split", "", "--dataset_root", data_root]
+    run(EXAMPLES / "finetune.py", *SMALL, *steps, "--output_dir", tmp_path, "--overwrite_output_dir")
+    assert not (tmp_path / "checkpoints" / "step_3").exists() and (tmp_path / "checkpoints" / "step_1").exists()
+    assert not (tmp_path / "entityclip" / "events.out.tfevents.old").exists(), "old TensorBoard events do not mix in"
+    assert json.loads((tmp_path / "results.json").read_text())["best_step"] is None
+    assert (tmp_path / "notes.txt").read_text() == "the user's own file"
+
+
 def test_start_from_a_clip_checkpoint_then_continue_in_bf16_with_checkpointing(tmp_path, data_root, tiny_processor):
     from transformers import CLIPModel
 
