@@ -315,3 +315,11 @@ def test_push_to_hub_uploads_best_with_a_card(tmp_path, data_root, fresh_acceler
     assert {"model.safetensors", "config.json", "modeling_entityclip.py", "README.md"} <= set(uploaded)
     card = uploaded["README.md"].decode()
     assert f"{results['test']['i2t_R@1']:.1f}" in card, "the card carries the test metrics of best/"
+    # The Hub reads the metrics from the card's model-index metadata.
+    from huggingface_hub import ModelCard
+
+    eval_results = ModelCard(card).data.eval_results
+    by_name = {(r.dataset_split, r.metric_type): r.metric_value for r in eval_results}
+    assert by_name[("test", "rsum")] == pytest.approx(results["test"]["rsum"], abs=0.01)
+    assert by_name[("test", "i2t_r@1")] == pytest.approx(results["test"]["i2t_R@1"], abs=0.01)
+    assert {r.dataset_name for r in eval_results} == {"demo"}
