@@ -172,6 +172,23 @@ def test_resuming_a_finished_run_trains_nothing_and_still_reports(tmp_path, data
     assert again["final"] == first["final"], "the same model, evaluated again"
 
 
+def test_the_readme_main_job_script_runs_end_to_end(tmp_path):
+    """examples/demo.sh, shortened to 2 epochs: accelerate launch, before/after R@K, test table, fresh-process search."""
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path / "demo"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # this venv's accelerate and python
+    }
+    result = subprocess.run(
+        ["bash", str(EXAMPLES / "demo.sh"), "--num_epochs=2"], env=env, capture_output=True, text=True, timeout=600
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    for expected in ("validation before:", "validation after:", "test split, best/", "loaded transformers_modules."):
+        assert expected in output, expected
+    assert output.count('query: "') == 3 and "demo finished in" in output
+
+
 def test_a_new_run_refuses_an_used_output_dir(tmp_path, data_root, fresh_accelerate_state):
     (tmp_path / "checkpoints" / "step_3").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="holds an earlier run"):  # would silently mix two runs' checkpoints
