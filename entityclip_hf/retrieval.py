@@ -44,6 +44,7 @@ __all__ = [
     "RankedCandidate",
     "SearchResults",
     "StoredEmbeddings",
+    "add_embeddings_column",
     "encode_images",
     "encode_texts",
     "faiss_available",
@@ -625,6 +626,37 @@ class EmbeddingIndex:
         scores = torch.from_numpy(np.stack(result.total_scores).astype(np.float32))
         indices = torch.from_numpy(np.stack(result.total_indices).astype(np.int64))
         return scores, indices
+
+
+def add_embeddings_column(dataset, embeddings, column: str = "embeddings", faiss_index: bool | None = None):
+    """The `datasets` way to keep a gallery: `dataset` with its L2-normalised embeddings as a column, indexed with FAISS.
+
+    With the FAISS index (`faiss_index=None`: when faiss is installed), `dataset.get_nearest_examples(column, query,
+    k)` returns the rows of the best cosine scores and `dataset.save_faiss_index(column, path)` stores the index
+    beside the dataset (`dataset.save_to_disk`). The index is exact (inner product over normalised vectors), so it
+    ranks like `EmbeddingIndex`.
+
+    Args:
+        dataset: A `datasets.Dataset` with one row per embedding (e.g. the split that `encode_images` encoded).
+        embeddings: [N, D] embeddings in row order (from `encode_images` / `encode_texts` or `load_embeddings`).
+        column: Name of the new column, and of its FAISS index.
+        faiss_index: Build the FAISS index (True needs faiss; None: when importable; False: the column only).
+    """
+    matrix = F.normalize(_as_matrix(embeddings, "embeddings").float(), dim=-1)
+    if matrix.shape[0] != len(dataset):
+        raise ValueError(f"embeddings has {matrix.shape[0]} rows but the dataset has {len(dataset)}.")
+    if column in dataset.column_names:
+        raise ValueError(f"the dataset already has a column {column!r}; choose another `column`.")
+    if faiss_index is None:
+        faiss_index = faiss_available()
+    elif faiss_index and not faiss_available():
+        raise ImportError("faiss_index=True needs the faiss package: pip install 'entityclip-hf[faiss]'.")
+    dataset = dataset.add_column(column, list(matrix.numpy()))
+    if faiss_index:
+        import faiss
+
+        dataset.add_faiss_index(column=column, metric_type=faiss.METRIC_INNER_PRODUCT)
+    return dataset
 
 
 # =============================================================================================== reranking

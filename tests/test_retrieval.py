@@ -13,6 +13,7 @@ from transformers import CLIPModel
 from entityclip_hf import EntityCLIPConfig, EntityCLIPModel, retrieval
 from entityclip_hf.retrieval import (
     EmbeddingIndex,
+    add_embeddings_column,
     encode_images,
     encode_texts,
     faiss_available,
@@ -313,6 +314,35 @@ def test_faiss_backend_matches_exact_search():
     with_faiss = EmbeddingIndex(gallery, backend="faiss").search(queries, k=10)
     assert torch.equal(with_faiss.indices, exact.indices)
     torch.testing.assert_close(with_faiss.scores, exact.scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
+def test_embeddings_column_with_a_faiss_index_ranks_like_exact_search(tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    gallery, queries = torch.randn(200, 16, generator=generator), torch.randn(4, 16, generator=generator)
+    dataset = datasets.Dataset.from_dict({"id": [f"item-{i}" for i in range(200)]})
+    indexed = add_embeddings_column(dataset, gallery)
+    assert indexed.column_names == ["id", "embeddings"] and indexed.list_indexes() == ["embeddings"]
+    exact = EmbeddingIndex(gallery, ids=dataset["id"], backend="exact").search(queries, k=5)
+    for row, query in enumerate(F.normalize(queries, dim=-1).numpy()):
+        scores, examples = indexed.get_nearest_examples("embeddings", query, k=5)
+        assert examples["id"] == exact.ids[row]
+        np.testing.assert_allclose(scores, exact.scores[row].numpy(), rtol=1e-5, atol=1e-5)
+    indexed.save_faiss_index("embeddings", str(tmp_path / "gallery.faiss"))  # kept beside the dataset
+    assert (tmp_path / "gallery.faiss").stat().st_size > 0
+
+
+def test_embeddings_column_checks_its_input(monkeypatch):
+    dataset = datasets.Dataset.from_dict({"id": ["a", "b"]})
+    with pytest.raises(ValueError, match="embeddings has 3 rows but the dataset has 2"):
+        add_embeddings_column(dataset, torch.ones(3, 4))
+    with pytest.raises(ValueError, match="already has a column 'id'"):
+        add_embeddings_column(dataset, torch.ones(2, 4), column="id")
+    plain = add_embeddings_column(dataset, torch.ones(2, 4), faiss_index=False)
+    assert plain.list_indexes() == [] and np.allclose(plain[0]["embeddings"], [0.5] * 4)
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(ImportError, match=r"entityclip-hf\[faiss\]"):
+        add_embeddings_column(dataset, torch.ones(2, 4), faiss_index=True)
 
 
 # ------------------------------------------------------------------------------------------------ reranking
