@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import Worker, format_table, machine_summary, median
+from common import Worker, format_table, machine_summary, median, report
 from PIL import Image
 from transformers import CLIPImageProcessorPil
 
@@ -167,9 +167,7 @@ def main(argv=None) -> int:
         f"{args.epochs} epochs.\nEntityCLIP training step (fp32, ViT-B/32 shapes, batch {args.batch_size}): "
         f"{training:.2f} samples/s ({training_source}).{inline}\n\n{table}\n\nMachine: {machine_summary()}"
     )
-    print("\n" + text)
-    if args.markdown_out:
-        args.markdown_out.write_text(text + "\n")
+    report(text, args.markdown_out)
     return 0
 
 

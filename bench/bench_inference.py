@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import format_table, machine_summary, median, random_batch, timed, vit_b32_clip_config
+from common import format_table, machine_summary, median, random_batch, report, timed, vit_b32_clip_config
 from transformers import CLIPModel
 
 from entityclip_hf import EntityCLIPConfig, EntityCLIPModel
@@ -146,9 +146,7 @@ def main(argv=None) -> int:
         f"CLIPModel with the same weights, shows how far apart two runs of one computation are timed here.\n\n"
         f"{table}\n\nMachine: {machine_summary()}"
     )
-    print("\n" + text)
-    if args.markdown_out:
-        args.markdown_out.write_text(text + "\n")
+    report(text, args.markdown_out)
     return 0
 
 

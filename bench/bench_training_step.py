@@ -32,6 +32,7 @@ from common import (
     median,
     peak_resident_memory_bytes,
     random_batch,
+    report,
     reset_peak_resident_memory,
     timed_wall_and_cpu,
     vit_b32_clip_config,
@@ -270,22 +271,17 @@ def profile_step(runner: TrainingStep, row_limit: int) -> str:
     return component_table + "\n\n" + operator_table
 
 
+def training_step_worker(name: str, kind: str, batch_size: int, setup: Setup, args: argparse.Namespace) -> Worker:
+    """A worker process holding one model ("clip" or "entityclip") and its batch, ready to time training steps."""
+    return Worker(
+        name, TrainingStep, kind, batch_size, args.text_length, args.explanation_length, setup, args.seed,
+        worker_env=setup.worker_env(),
+    )  # fmt: skip
+
+
 def measure(variants: dict[str, tuple[str, Setup]], batch_size: int, args: argparse.Namespace) -> dict[str, dict]:
     """Time, FLOPs and peak memory of each variant (label -> (model kind, setup)) at one batch size."""
-    workers = [
-        Worker(
-            label,
-            TrainingStep,
-            kind,
-            batch_size,
-            args.text_length,
-            args.explanation_length,
-            setup,
-            args.seed,
-            worker_env=setup.worker_env(),
-        )
-        for label, (kind, setup) in variants.items()
-    ]
+    workers = [training_step_worker(label, kind, batch_size, setup, args) for label, (kind, setup) in variants.items()]
     try:
         build = {worker.name: worker.wait_ready() for worker in workers}
         checksums = {worker.call("backbone_checksum") for worker in workers}
@@ -445,17 +441,7 @@ def main(argv=None) -> int:
     setup = Setup(args.precision, args.attn, args.optimizer, args.compile, malloc=args.malloc)
     if args.profile:
         batch_size = args.batch_sizes[0]
-        worker = Worker(
-            args.profile_model,
-            TrainingStep,
-            args.profile_model,
-            batch_size,
-            args.text_length,
-            args.explanation_length,
-            setup,
-            args.seed,
-            worker_env=setup.worker_env(),
-        )
+        worker = training_step_worker(args.profile_model, args.profile_model, batch_size, setup, args)
         with worker:
             worker.call("timed_step")  # warm-up
             print(f"Profile of one {args.profile_model} step, batch {batch_size}, {setup.describe()}:\n")
@@ -493,9 +479,7 @@ def main(argv=None) -> int:
     else:
         body, all_met = comparison_report(results, matmul_flops)
     text = f"{header}\n\n{body}\n\nMachine: {machine_summary()}"
-    print("\n" + text)
-    if args.markdown_out:
-        args.markdown_out.write_text(text + "\n")
+    report(text, args.markdown_out)
     if args.json_out:
         args.json_out.write_text(json.dumps({str(batch): variants for batch, variants in results.items()}, indent=1))
     if not all_met:

@@ -12,6 +12,7 @@ import statistics
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -308,6 +309,13 @@ def machine_summary() -> str:
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"load average {load}"
     )
+
+
+def report(text: str, markdown_out: Path | None) -> None:
+    """Print a benchmark's result (its tables and the machine line) and write it to `--markdown-out` if given."""
+    print("\n" + text)
+    if markdown_out:
+        markdown_out.write_text(text + "\n")
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
