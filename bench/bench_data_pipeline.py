@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         f"batch {args.batch_size}, padded lengths text {any_result['text_length']:.0f} / explanation "
         f"{any_result['explanation_length']:.0f} tokens on average; samples/s after the first batch, median of "
         f"{args.epochs} epochs.\nEntityCLIP training step (fp32, ViT-B/32 shapes, batch {args.batch_size}): "
-        f"{training:.2f} samples/s ({training_source}).{inline}\n\n{table}\n\nMachine: {machine_summary()}"
+        f"{training:.2f} samples/s ({training_source}).{inline}\n\n{table}"
     )
     report(text, args.markdown_out)
     return 0

@@ -144,7 +144,7 @@ def main(argv=None) -> int:
         f"attention {args.attn}; {args.iterations} rounds of alternated calls after 1 warm-up each; ratio = "
         f"EntityCLIP's fastest / CLIPModel's fastest; outputs identical (torch.equal). The control, a second "
         f"CLIPModel with the same weights, shows how far apart two runs of one computation are timed here.\n\n"
-        f"{table}\n\nMachine: {machine_summary()}"
+        f"{table}"
     )
     report(text, args.markdown_out)
     return 0

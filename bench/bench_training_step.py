@@ -478,7 +478,7 @@ def main(argv=None) -> int:
         body, all_met = gain_report(results, matmul_flops), True
     else:
         body, all_met = comparison_report(results, matmul_flops)
-    text = f"{header}\n\n{body}\n\nMachine: {machine_summary()}"
+    text = f"{header}\n\n{body}"
     report(text, args.markdown_out)
     if args.json_out:
         args.json_out.write_text(json.dumps({str(batch): variants for batch, variants in results.items()}, indent=1))

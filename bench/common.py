@@ -312,7 +312,8 @@ def machine_summary() -> str:
 
 
 def report(text: str, markdown_out: Path | None) -> None:
-    """Print a benchmark's result (its tables and the machine line) and write it to `--markdown-out` if given."""
+    """Print a benchmark's result followed by the machine it ran on, and write both to `--markdown-out` if given."""
+    text = f"{text}\n\nMachine: {machine_summary()}"
     print("\n" + text)
     if markdown_out:
         markdown_out.write_text(text + "\n")
