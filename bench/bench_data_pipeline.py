@@ -116,7 +116,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--training-iterations", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown-out", type=Path, help="also write the report to this file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.num_samples < 2 * args.batch_size:
+        # The rate is counted from the second batch on (worker start-up excluded): one batch measures nothing.
+        parser.error(f"--num-samples must be at least 2 x --batch-size ({2 * args.batch_size})")
+    return args
 
 
 def main(argv=None) -> int:
