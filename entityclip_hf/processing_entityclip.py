@@ -29,10 +29,10 @@ _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _HIGH_BIT_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 # PIL's own decompression-bomb threshold (2 x Image.MAX_IMAGE_PIXELS, the size at which Image.open refuses a file):
-# the same limit then holds for images given in memory as for files. It is above the largest camera photos (150 Mpx), and
-# one image at the limit costs CLIP's preprocessing about 1.6 GB (RGB) to 2.3 GB (RGBA) of memory on top of the image
-# itself, ~10 s of one core (measured): bearable once in a long job, where 20000 x 20000 (400 Mpx) was not. Jobs that
-# need less set the processor's `max_image_pixels` lower.
+# the same limit then holds for images given in memory as for files. It is above the largest camera photos (150 Mpx),
+# and one image at the limit costs CLIP's preprocessing about 1.6 GB (RGB) to 2.3 GB (RGBA) of memory on top of the
+# image itself and ~10 s of one core (measured): bearable once in a long job, where 20000 x 20000 (400 Mpx) was not.
+# Jobs that need less set the processor's `max_image_pixels` lower.
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 
 # Text arguments that describe the texts themselves, not how to tokenise: they never apply to the explanations.
@@ -134,12 +134,23 @@ class EntityCLIPProcessor(ProcessorMixin):
         return result
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        # A tokenizers-backed tokenizer keeps the truncation and padding of its last call, and tokenizer.json saves
+        # them: reloaded, the last call's max_length would become the tokenizer's default (its init_kwargs), which
+        # ProcessorMixin applies to every later call. Defaults the tokenizer came with are in its init_kwargs, which
+        # tokenizer_config.json saves; so the backend is saved without the call's state, which is put back after.
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        call_state = None if backend is None else (backend.truncation, backend.padding)
+        if backend is not None:
+            backend.no_truncation()
+            backend.no_padding()
         try:
             return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
         finally:
             # transformers' custom_object_save leaves `auto_map` on this object once it is in the saved file (it cleans
             # the tokenizer only): to_dict() would then change by saving, and differ from the processor loaded back.
             self.__dict__.pop("auto_map", None)
+            if backend is not None:
+                _restore_backend_state(backend, call_state)
 
     def __call__(
         self,
@@ -305,6 +316,15 @@ def _check_image_size(size: tuple[int, int], index: int, max_pixels: int, what: 
             f"image {index}: the {what} has {width}x{height} = {width * height:,} pixels, more than the processor's "
             f"max_image_pixels = {max_pixels:,}; shrink it first, or raise the limit if this size is expected."
         )
+
+
+def _restore_backend_state(backend, state) -> None:
+    """Put back the truncation and padding settings of a `tokenizers.Tokenizer`."""
+    truncation, padding = state
+    if truncation is not None:
+        backend.enable_truncation(**truncation)
+    if padding is not None:
+        backend.enable_padding(**padding)
 
 
 def _as_image_batch(images):

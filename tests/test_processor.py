@@ -442,7 +442,8 @@ def test_pixel_limit_is_checked_before_decoding_a_file(tiny_tokenizer, tmp_path)
 
 def test_huge_in_memory_images_are_refused_before_any_conversion(tiny_processor, monkeypatch):
     """20000 x 20000 = 400 M pixels, over the default limit: as RGB, one copy is 1.2 GB (the issue saw 5.7-6.8 GB)."""
-    message = r"image 0: the {} has 20000x20000 = 400,000,000 pixels, more than the processor's max_image_pixels = 178,956,970"
+    message = r"image 0: the {} has 20000x20000 = 400,000,000 pixels, more than the processor's max_image_pixels = "
+    message += "178,956,970"
     conversions = []
     monkeypatch.setattr(Image.Image, "convert", lambda image, *args, **kwargs: conversions.append(image.mode))
     monkeypatch.setattr(Image.Image, "load", lambda image: conversions.append("load"))
