@@ -264,3 +264,28 @@ def test_a_truncation_the_tokenizer_came_with_is_saved(tiny_tokenizer, tmp_path)
     assert loaded.max_length == 20 and loaded(text=[LONG_TEXT])["input_ids"].shape == (1, 20)
     # The live tokenizer keeps its state through the save.
     assert processor.tokenizer.backend_tokenizer.truncation["max_length"] == 10
+
+
+def test_sentence_transformers_loads_a_saved_entityclip_folder(tiny_processor, tiny_clip_config, tmp_path):
+    """Issue 9: SentenceTransformer(<EntityCLIP folder>) works, through the processor's kwargs groups."""
+    from sentence_transformers import SentenceTransformer
+
+    from entityclip_hf import EntityCLIPConfig, EntityCLIPModel
+
+    torch.manual_seed(0)
+    model = EntityCLIPModel(EntityCLIPConfig(clip_config=tiny_clip_config)).eval()
+    model.save_pretrained(tmp_path)
+    tiny_processor.save_pretrained(tmp_path)
+    sentence_model = SentenceTransformer(str(tmp_path), device="cpu")
+    images = [_red_image(), Image.new("RGB", (32, 48), (0, 0, 255))]
+    text_embeddings = sentence_model.encode(TEXTS[:2], convert_to_tensor=True)
+    image_embeddings = sentence_model.encode(images, convert_to_tensor=True)
+    batch = tiny_processor(images=images, text=TEXTS[:2])
+    with torch.no_grad():
+        text_features = model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        image_features = model.get_image_features(pixel_values=batch["pixel_values"])
+    # CLIPModel's features are an output object in transformers 5 (the embedding in .pooler_output).
+    text_features = getattr(text_features, "pooler_output", text_features)
+    image_features = getattr(image_features, "pooler_output", image_features)
+    torch.testing.assert_close(text_embeddings, text_features, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(image_embeddings, image_features, atol=1e-5, rtol=1e-5)
