@@ -170,7 +170,8 @@ class EntityCLIPProcessor(ProcessorMixin):
                 `explanations_kwargs`) or flat keywords of the tokenizer (`padding`, `max_length`, `truncation`,
                 ...) and of the image processor (`do_resize`, `size`, `do_rescale`, ...); `return_tensors` is
                 `"pt"` (the default), `"np"` or `None` (lists). `explanation_max_length=n` is short for
-                `explanations_kwargs={"max_length": n}` (`None`: the processor's default).
+                `explanations_kwargs={"max_length": n}`; `max_length=None` and `explanation_max_length=None` mean
+                the defaults.
 
         Returns:
             [`BatchFeature`] with `pixel_values` (if images), the tokenizer's outputs for the texts (`input_ids`,
@@ -184,6 +185,10 @@ class EntityCLIPProcessor(ProcessorMixin):
         if images is None and text is None and explanations is None:
             raise ValueError("EntityCLIPProcessor needs at least one of `images`, `text` or `explanations`.")
         explanation_max_length = _check_length("explanation_max_length", kwargs.pop("explanation_max_length", None))
+        if "max_length" in kwargs and kwargs["max_length"] is None:
+            # `max_length=None` meant "the processor's default" before this processor followed ProcessorMixin (the
+            # collator still passes it); merged as a value, it would override the tokenizer's saved default.
+            del kwargs["max_length"]
         merged = self._merge_kwargs(
             EntityCLIPProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
         )

@@ -289,3 +289,10 @@ def test_sentence_transformers_loads_a_saved_entityclip_folder(tiny_processor, t
     image_features = getattr(image_features, "pooler_output", image_features)
     torch.testing.assert_close(text_embeddings, text_features, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(image_embeddings, image_features, atol=1e-5, rtol=1e-5)
+
+
+def test_max_length_none_in_a_call_means_the_default(tiny_tokenizer):
+    """EntityCLIPCollator passes max_length=None and explanation_max_length=None when it has no option of its own."""
+    processor = _processor(tiny_tokenizer, max_length=12, explanation_max_length=20)
+    out = processor(text=[LONG_TEXT], explanations=[LONG_TEXT], max_length=None, explanation_max_length=None)
+    assert out["input_ids"].shape == (1, 12) and out["explanation_input_ids"].shape == (1, 20)
