@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(error, file=sys.stderr)
         return 1
     except (FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"entityclip-data: {error}", file=sys.stderr)
+        print(f"entityclip-data: error: {error}", file=sys.stderr)
         return 2
     _write_report(args.report_json, report)
     print(dataset)

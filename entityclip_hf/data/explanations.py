@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..explain import read_explanation_cache
-from .formats import EntityFormat, normalise_key
+from .formats import EntityFormat, normalise_key, read_utf8_file
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +40,7 @@ class ReleasedExplanations:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:
-            with self.path.open(encoding="utf-8") as handle:
-                data = json.load(handle)
+            data = json.loads(read_utf8_file(self.path))
         except json.JSONDecodeError as error:
             raise ValueError(f"{self.path}: not valid JSON ({error})") from None
         if not isinstance(data, dict):
@@ -130,11 +129,11 @@ def _is_cache_file(path: Path) -> bool:
         return True
     # A cache under another name: its first line is one cache record. Only the start is read (released files are
     # hundreds of MB, often on one line).
-    with path.open(encoding="utf-8") as handle:
+    with path.open("rb") as handle:
         first_line = handle.readline(1 << 16)
     try:
-        record = json.loads(first_line)
-    except json.JSONDecodeError:
+        record = json.loads(first_line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):  # not a cache; a released file with bad bytes says so itself
         return False
     return isinstance(record, dict) and {"text", "ok"} <= record.keys()
 

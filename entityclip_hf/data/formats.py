@@ -7,6 +7,7 @@ Nothing here opens images or decides what to keep: that is `loading.py`'s job.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from abc import ABC, abstractmethod
@@ -91,11 +92,50 @@ def _id_value(record: dict, name: str, default: str | None) -> str:
     return str(value)
 
 
+def utf8_error(path: str | os.PathLike, data: bytes, error: UnicodeDecodeError, offset: int | None = None) -> str:
+    """Where and why `data` (read from `path`) is not UTF-8, in words. `offset`: the file offset of `data`'s first
+    byte, when `data` is a part of the file (a line); None when it is the whole file (the line is named too)."""
+    if offset is None:
+        line = data.count(b"\n", 0, error.start) + 1
+        where = f"byte offset {error.start} (line {line})"
+    else:
+        where = f"byte offset {offset + error.start}"
+    bad = data[error.start : error.end]
+    return f"{path}: not UTF-8 text at {where}: bytes {bad!r} ({error.reason}); re-save the file as UTF-8"
+
+
+def read_utf8_file(path: str | os.PathLike) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped); bad bytes raise a ValueError naming the file
+    and the byte offset, not a bare UnicodeDecodeError."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(utf8_error(path, data, error)) from None
+    return text.removeprefix("\ufeff")
+
+
+def first_utf8_error(path: str | os.PathLike, block_size: int = 1 << 20) -> str | None:
+    """Where the file at `path` stops being UTF-8 (see `utf8_error`), or None; read in blocks, for large files."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # of the next block in the file
+    with open(path, "rb") as handle:
+        while True:
+            block = handle.read(block_size)
+            pending = len(decoder.getstate()[0])  # the start of a character cut by the end of the last block
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as error:  # error.object: the pending bytes + this block
+                return utf8_error(path, error.object, error, offset=offset - pending)
+            if not block:
+                return None
+            offset += len(block)
+
+
 def read_json_records(path: Path) -> Iterator[tuple[str, str | None, Any]]:
     """(where, key, record) for a JSON file holding a list of records (key None) or an object of records."""
     try:
-        with path.open(encoding="utf-8") as handle:
-            data = json.load(handle)
+        data = json.loads(read_utf8_file(path))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     if isinstance(data, list):
@@ -278,9 +318,9 @@ class GoodNewsFormat(EntityFormat):
         path = root / "broken_images.txt"
         if not path.is_file():
             return set()
-        with path.open(encoding="utf-8") as handle:
-            # Entries may carry a folder; the image names are what records refer to.
-            return {os.path.basename(normalise_key(line.strip())) for line in handle if line.strip()}
+        # Entries may carry a folder; the image names are what records refer to.
+        lines = read_utf8_file(path).splitlines()
+        return {os.path.basename(normalise_key(line.strip())) for line in lines if line.strip()}
 
     def read_split(self, root, path, split):
         image_dir = str(self.image_dir(root))
@@ -312,15 +352,22 @@ class JsonLinesFormat(EntityFormat):
         return [root / f"{name}.jsonl" for name in self.split_names(split)]
 
     def read_split(self, root, path, split):
-        with path.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
+        # Bytes, split on b"\n" only: a line with bad bytes or bad JSON is one bad record, never the end of the load.
+        with path.open("rb") as handle:
+            offset = 0
+            for line_number, raw in enumerate(handle, start=1):
+                line_offset, offset = offset, offset + len(raw)
+                if not raw.strip():
                     continue
                 where = f"{split}-{line_number}"
                 try:
-                    record = json.loads(line)
+                    record = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
+                except UnicodeDecodeError as error:
+                    problem = utf8_error(path, raw, error, offset=line_offset)
+                    yield BadRecord(where, f"line {line_number}: {problem}")
+                    continue
                 except json.JSONDecodeError as error:
-                    yield BadRecord(where, f"line {line_number} is not valid JSON ({error.msg})")
+                    yield BadRecord(where, f"{path} line {line_number} is not valid JSON ({error.msg})")
                     continue
                 if not isinstance(record, dict):
                     yield BadRecord(where, f"line {line_number} is {type(record).__name__}, not an object")
@@ -386,6 +433,8 @@ __all__ = [
     "EntityFormat",
     "Record",
     "canonical_split",
+    "first_utf8_error",
     "get_format",
     "normalise_key",
+    "read_utf8_file",
 ]
