@@ -26,8 +26,8 @@ import datasets
 from PIL import Image
 
 from .explanations import clean_explanation, resolve_explanations
-from .formats import SPLITS, BadRecord, EntityFormat, canonical_split, get_format
-from .report import DataError, DataReport, SplitReport
+from .formats import SPLITS, BadRecord, EntityFormat, canonical_split, get_format, normalise_key
+from .report import DataError, DataReport, Issue, SplitReport
 
 logger = logging.getLogger(__name__)
 
@@ -177,10 +177,15 @@ def _fingerprint(header: list[str], rows: Iterable[tuple[str | None, ...]], stat
 
 
 def _read_split(
-    fmt: EntityFormat, root: Path, split: str, path: Path, sources, broken: set[str], split_report: SplitReport, limit
+    fmt: EntityFormat, root: Path, split: str, path: Path, broken: set[str], split_report: SplitReport, limit
 ):
-    """Steps 1-3: the rows of one split whose record, text and image file are usable, as columns + image stats."""
-    rows: dict[str, list] = {"id": [], "image": [], "text": [], "explanation": [], "metadata": []}
+    """Steps 1 and 3: the rows of one split whose record, text and image file are usable, as columns + image stats.
+
+    Rows keep their own explanation (JSON lines); the explanation files are joined later, once every split is read.
+    """
+    rows: dict[str, list] = {
+        "id": [], "image": [], "text": [], "explanation": [], "metadata": [], "image_key": [], "raw_text": []
+    }  # fmt: skip
     seen_ids: set[str] = set()
     issues = split_report.issues
     for record in fmt.read_split(root, path, split):
@@ -198,16 +203,13 @@ def _read_split(
         if record.id in seen_ids:
             issues["duplicate_id"].add(record.id, "", limit)
         seen_ids.add(record.id)
-        explanation = clean_explanation(record.explanation)
-        for source in sources:
-            if explanation is not None:
-                break
-            explanation = source.lookup(record.image_key, record.raw_text, text)
         rows["id"].append(record.id)
         rows["image"].append(record.image_path)
         rows["text"].append(text)
-        rows["explanation"].append(explanation)
+        rows["explanation"].append(clean_explanation(record.explanation))
         rows["metadata"].append(record.metadata)
+        rows["image_key"].append(normalise_key(record.image_key))
+        rows["raw_text"].append(record.raw_text)
 
     stats = _stat_images(rows["image"], split)
     present = [index for index, info in enumerate(stats) if isinstance(info, tuple)]
@@ -218,6 +220,66 @@ def _read_split(
         rows = {name: [values[index] for index in present] for name, values in rows.items()}
         stats = [stats[index] for index in present]
     return rows, stats
+
+
+def _images_per_file_name(read: dict[str, tuple[dict[str, list], list]]) -> dict[str, int]:
+    """File name -> how many distinct images (image keys) of the loaded splits have it, for names shared by several:
+    a bare-name explanation key (`1.jpg`) names none of `agency_a/1.jpg` and `agency_b/1.jpg`."""
+    first_key: dict[str, str] = {}
+    shared: dict[str, set[str]] = {}
+    for rows, _ in read.values():
+        for key in rows["image_key"]:
+            name = key.rsplit("/", 1)[-1]
+            known = first_key.setdefault(name, key)
+            if known != key:
+                shared.setdefault(name, {known}).add(key)
+    return {name: len(keys) for name, keys in shared.items()}
+
+
+def _join_explanations(rows: dict[str, list], sources, images_per_name: dict[str, int], issues, limit) -> None:
+    """Step 2: each row without its own explanation takes the first source's; ambiguous keys are reported."""
+    if not sources:
+        return
+    explanations = rows["explanation"]
+    for index, explanation in enumerate(explanations):
+        if explanation is not None:
+            continue
+        key = rows["image_key"][index]
+        name_shared_by = images_per_name.get(key.rsplit("/", 1)[-1], 1)
+        problems = []
+        for source in sources:
+            explanation, problem = source.lookup(key, rows["raw_text"][index], rows["text"][index], name_shared_by)
+            if explanation is not None:
+                break
+            if problem is not None:
+                problems.append(problem)
+        explanations[index] = explanation
+        if explanation is None and problems:
+            issues["ambiguous_explanation"].add(rows["id"][index], "; ".join(problems), limit)
+
+
+def _report_unused(report: DataReport, sources, limit: int) -> None:
+    for source in sources:
+        unused = source.unused()
+        if unused:
+            issue = report.unused_explanations.setdefault(str(source), Issue())
+            for key in unused:
+                issue.add(key if len(key) <= 80 else key[:77] + "...", "", limit)
+
+
+def _report_shared_images(report: DataReport, read: dict[str, tuple[dict[str, list], list]], limit: int) -> None:
+    """Rows of a later split (validation, test) whose image file an earlier split also uses: a leak."""
+    splits = [split for split in SPLITS if split in read]
+    for position, first in enumerate(splits):
+        first_images = set(read[first][0]["image"])
+        for second in splits[position + 1 :]:
+            rows = read[second][0]
+            issue = Issue()
+            for sample_id, image in zip(rows["id"], rows["image"], strict=True):
+                if image in first_images:
+                    issue.add(sample_id, image, limit)
+            if issue.count:
+                report.shared_images[f"{first}/{second}"] = issue
 
 
 def _build_split(
@@ -352,9 +414,17 @@ def load_entity_dataset(
     read: dict[str, tuple[dict[str, list], list]] = {}
     for split, path in split_files.items():
         report.splits[split] = SplitReport(split=split, source=str(path))
-        read[split] = _read_split(
-            fmt, root, split, path, sources.for_split(split), broken, report.splits[split], max_examples
+        read[split] = _read_split(fmt, root, split, path, broken, report.splits[split], max_examples)
+    images_per_name = _images_per_file_name(read)
+    for split, (rows, _) in read.items():
+        # A split's own released files are opened for its rows only (they can be large), then let go.
+        split_sources = sources.split_sources(split)
+        _join_explanations(
+            rows, split_sources + sources.shared_sources(), images_per_name, report.splits[split].issues, max_examples
         )
+        _report_unused(report, split_sources, max_examples)
+    _report_unused(report, sources.shared_sources(), max_examples)
+    _report_shared_images(report, read, max_examples)
     # The same metadata columns in every split, in order of first appearance (JSON lines may differ per split).
     metadata_columns = list(fmt.metadata_columns)
     for rows, _ in read.values():
