@@ -186,6 +186,13 @@ class ExplanationSources:
         self.prompt_version = prompt_version
         self._shared_sources: list[ExplanationSource] | None = None
 
+    def share_all(self) -> None:
+        """Apply every split's files to every split (a release split by another rule than the files')."""
+        per_split_files = [path for paths in self.per_split.values() for path in paths]
+        self.shared = list(dict.fromkeys(per_split_files + self.shared))
+        self.per_split = {split: [] for split in self.per_split}
+        self._shared_sources = None
+
     def describe(self) -> list[str]:
         files = [str(path) for paths in self.per_split.values() for path in paths] + [str(path) for path in self.shared]
         return list(dict.fromkeys(files))

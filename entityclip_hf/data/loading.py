@@ -26,7 +26,7 @@ import datasets
 from PIL import Image
 
 from .explanations import clean_explanation, resolve_explanations
-from .formats import SPLITS, BadRecord, EntityFormat, canonical_split, get_format, normalise_key
+from .formats import SPLITS, BadRecord, EntityFormat, canonical_split, get_format, hashed_split, normalise_key
 from .report import DataError, DataReport, Issue, SplitReport
 
 logger = logging.getLogger(__name__)
@@ -177,18 +177,29 @@ def _fingerprint(header: list[str], rows: Iterable[tuple[str | None, ...]], stat
 
 
 def _read_split(
-    fmt: EntityFormat, root: Path, split: str, path: Path, broken: set[str], split_report: SplitReport, limit
+    fmt: EntityFormat,
+    root: Path,
+    split: str,
+    path: Path,
+    broken: set[str],
+    split_report: SplitReport,
+    limit: int,
+    hashed: bool = False,
 ):
     """Steps 1 and 3: the rows of one split whose record, text and image file are usable, as columns + image stats.
 
     Rows keep their own explanation (JSON lines); the explanation files are joined later, once every split is read.
+    `hashed`: `path` is a one-file release, of which this split takes the records `hashed_split` assigns to it.
     """
+    test_percent, validation_percent = fmt.full_file_split
     rows: dict[str, list] = {
         "id": [], "image": [], "text": [], "explanation": [], "metadata": [], "image_key": [], "raw_text": []
     }  # fmt: skip
     seen_ids: set[str] = set()
     issues = split_report.issues
     for record in fmt.read_split(root, path, split):
+        if hashed and hashed_split(record.id, test_percent, validation_percent) != split:
+            continue
         split_report.rows_read += 1
         if isinstance(record, BadRecord):
             issues["bad_record"].add(record.id, record.reason, limit)
@@ -395,6 +406,10 @@ def load_entity_dataset(
     wanted = list(dict.fromkeys(canonical_split(split) for split in splits)) if splits is not None else list(SPLITS)
     split_files = {split: fmt.find_split_file(root, split) for split in wanted}
     missing = [split for split, path in split_files.items() if path is None]
+    # A one-file release (no split file at all) is split by a hash of each record's id.
+    full_file = fmt.find_full_file(root) if len(missing) == len(wanted) else None
+    if full_file is not None:
+        split_files, missing = dict.fromkeys(wanted, full_file), []
     # Asked-for splits must exist; by default, any split may be absent but not all of them.
     if (splits is not None and missing) or len(missing) == len(wanted):
         expected = ", ".join(str(path) for split in missing for path in fmt.split_file_candidates(root, split))
@@ -404,17 +419,32 @@ def load_entity_dataset(
         )
     split_files = {split: path for split, path in split_files.items() if path is not None}
 
+    # Released per-split files follow the authors' split, not the hashed one: with a one-file release, the files of
+    # every split apply to every split.
     sources = resolve_explanations(
-        fmt, root, list(split_files), explanations, model=explanation_model, prompt_version=explanation_prompt_version
+        fmt,
+        root,
+        list(SPLITS) if full_file is not None else list(split_files),
+        explanations,
+        model=explanation_model,
+        prompt_version=explanation_prompt_version,
     )
+    if full_file is not None:
+        sources.share_all()
     report = DataReport(
-        dataset=fmt.name, root=str(root), image_check=check_images, explanation_sources=sources.describe()
+        dataset=fmt.name,
+        root=str(root),
+        image_check=check_images,
+        explanation_sources=sources.describe(),
+        split_rule=fmt.split_rule() if full_file is not None else None,
     )
     broken = fmt.broken_images(root)
     read: dict[str, tuple[dict[str, list], list]] = {}
     for split, path in split_files.items():
         report.splits[split] = SplitReport(split=split, source=str(path))
-        read[split] = _read_split(fmt, root, split, path, broken, report.splits[split], max_examples)
+        read[split] = _read_split(
+            fmt, root, split, path, broken, report.splits[split], max_examples, hashed=full_file is not None
+        )
     images_per_name = _images_per_file_name(read)
     for split, (rows, _) in read.items():
         # A split's own released files are opened for its rows only (they can be large), then let go.

@@ -85,6 +85,8 @@ class DataReport:
     image_check: str
     explanation_sources: list[str] = field(default_factory=list)
     splits: dict[str, SplitReport] = field(default_factory=dict)
+    # How the splits were made when the dataset has no split files (a one-file release), else None.
+    split_rule: str | None = None
     # Per explanation file: how many of its entries no row took, and the first keys (or texts, for caches).
     unused_explanations: dict[str, Issue] = field(default_factory=dict)
     # Per pair of splits ("train/test"): rows of the later split whose image file the earlier split also uses
@@ -111,6 +113,8 @@ class DataReport:
         lines = [
             f"{self.dataset} at {self.root} (image check: {self.image_check}; explanations: {sources})",
         ]
+        if self.split_rule:
+            lines.append(f"  splits: {self.split_rule}")
         for split in self.splits.values():
             lines.append(f"  {split.split}: {split.rows_kept} kept of {split.rows_read} rows read from {split.source}")
             for problem in EXCLUDED_PROBLEMS + KEPT_PROBLEMS:
