@@ -36,6 +36,7 @@ __all__ = [
     "load_split",
     "main",
     "run",
+    "small_gallery_warning",
 ]
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,22 @@ def evaluate_split(
     return EvaluationResult(metrics, num_pairs, skipped, time.time() - started)
 
 
+def small_gallery_warning(num_pairs: int, min_gallery_size: int) -> str | None:
+    """Why R@K on a gallery of `num_pairs` items means little, or None when it has at least `min_gallery_size`.
+
+    A random ranking finds the positive in its first K of N items with probability min(K, N) / N: on 10 items R@1 is
+    already 10 by chance and R@10 is 100 by construction.
+    """
+    if num_pairs >= min_gallery_size:
+        return None
+    chance = ", ".join(f"R@{k} {100 * min(k, num_pairs) / num_pairs:.0f}" for k in _RECALL_KS)
+    return (
+        f"the gallery has only {num_pairs} pair(s), below --min-gallery-size {min_gallery_size}: R@K on "
+        f"{num_pairs} items is not meaningful (a random ranking scores {chance}; every R@K with K >= {num_pairs} "
+        f"is 100 by construction). Evaluate on a larger split."
+    )
+
+
 def format_metrics_table(metrics: dict[str, float], title: str | None = None) -> str:
     """The retrieval metrics as a fixed-width text table: one row per direction, then rsum."""
     header = f"{'direction':<14}" + "".join(f"{f'R@{k}':>8}" for k in _RECALL_KS) + f"{'MedR':>8}{'MeanR':>9}"
@@ -186,6 +203,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="header",
         help="how the loader checks image files before evaluation (unreadable ones are left out and reported)",
     )
+    parser.add_argument(
+        "--min-gallery-size",
+        type=int,
+        default=100,
+        help="warn when the gallery has fewer pairs: R@K on a few items is mostly chance (default: 100)",
+    )
     parser.add_argument("--output", help="write the metrics (and what was skipped) to this JSON file")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow other architectures' Hub code")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -197,6 +220,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--num-workers must be >= 0")
     if args.max_samples is not None and args.max_samples < 1:
         parser.error("--max-samples must be >= 1")
+    if args.min_gallery_size < 1:
+        parser.error("--min-gallery-size must be >= 1")
     return args
 
 
@@ -236,6 +261,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     excluded = sum(split.rows_excluded for split in data_report.splits.values())
     if excluded:
         print(f"the loader left out {excluded} row(s) of the split (missing or unreadable image, empty text, ...)")
+    warnings = [warning for warning in (small_gallery_warning(result.num_pairs, args.min_gallery_size),) if warning]
+    for warning in warnings:
+        # Under the table, on stderr: seen even when stdout goes to a file.
+        print(f"entityclip-eval: warning: {warning}", file=sys.stderr)
     report = {
         "model": str(args.model),
         "dataset": args.dataset,
@@ -248,6 +277,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "seconds": round(result.seconds, 3),
         "device": str(device),
         "metrics": result.metrics,
+        "warnings": warnings,
     }
     if args.output:
         output = Path(args.output)
