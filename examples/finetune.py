@@ -7,6 +7,9 @@ dataset). A JSON config file gives a whole recipe and `--key=value` flags overri
     accelerate launch examples/finetune.py --config examples/configs/paper_vitb32.json --dataset_root /data/n24news
     accelerate launch --multi_gpu --num_processes 2 examples/finetune.py --cpu ...   # 2 CPU processes (gloo)
 
+Bad batches (NaN/inf inputs or loss) are skipped and named, a full disk is said as such: `training_guards.py`, beside
+this script.
+
 Outputs in --output_dir: `checkpoints/step_N` (Accelerate state: resume with --resume), `best/` and `final/`
 (`save_pretrained` folders that `AutoModel.from_pretrained(folder, trust_remote_code=True)` loads), `train_log.jsonl`
 (one line per step and per evaluation) and the trackers' logs (--report_to).
@@ -32,6 +35,15 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from training_guards import (
+    BadStepCounter,
+    TrainingStopped,
+    describe_bad_batch,
+    guarded_forward,
+    nonfinite_inputs,
+    nonfinite_weights,
+    on_any_process,
+)
 from transformers import AutoConfig, CLIPImageProcessorPil, CLIPTokenizer, get_scheduler
 
 from entityclip_hf import EntityCLIPConfig, EntityCLIPModel
@@ -99,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_epochs", type=int, default=1)
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: num_epochs)")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument(
+        "--max_bad_steps",
+        type=int,
+        default=10,
+        help="stop after this many optimizer steps in a row skipped for NaN/inf inputs or loss (0: never stop)",
+    )
     p.add_argument("--mixed_precision", default=None, choices=["no", "bf16", "fp16"], help="default: accelerate's")
     p.add_argument("--gradient_checkpointing", default=False, **flag)
     p.add_argument("--compile", default=False, help="torch.compile CLIP's vision and text encoders (inductor)", **flag)
@@ -201,7 +219,7 @@ def load_datasets(args, accelerator):
 
 def make_dataloaders(args, datasets, processor):
     """Training loader, then evaluation loaders for --eval_split and --test_split (None where the split is absent)."""
-    collator = EntityCLIPCollator(processor)
+    collator = EntityCLIPCollator(processor, return_ids=True)  # ids name the samples of a skipped batch
     # Seeded generators: the shuffle order (Accelerate's seedable sampler reseeds it per epoch) and the DataLoader's
     # own draw of worker seeds never touch the global torch RNG, whose state `save_state` restores on resume.
     train = DataLoader(
@@ -304,8 +322,18 @@ def replace_dir(tmp: str, final: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def refuse_nonfinite_weights(model, path: str) -> None:
+    """No NaN weights on disk: the skipped steps keep them out; this would catch a way in that they do not."""
+    bad = nonfinite_weights(model)
+    if bad:
+        raise TrainingStopped(
+            f"refusing to write {path}: {len(bad)} weight tensor(s) hold NaN/inf ({', '.join(bad[:3])})"
+        )
+
+
 def save_model_folder(accelerator, model, processor, path: str) -> None:
     """`save_pretrained` of model (safetensors, code files for trust_remote_code) and processor, atomically."""
+    refuse_nonfinite_weights(accelerator.unwrap_model(model), path)
     state_dict = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed: every process calls it
     if accelerator.is_main_process:
         tmp = path + ".tmp"
@@ -341,6 +369,7 @@ def save_checkpoint(accelerator, args, state: dict) -> None:
     """`save_state` (model, optimizer, scheduler, RNGs) + the loop position, written to a temp folder then renamed."""
     folder = os.path.join(args.output_dir, "checkpoints")
     tmp, final = os.path.join(folder, f".tmp-step_{state['step']}"), os.path.join(folder, f"step_{state['step']}")
+    refuse_nonfinite_weights(accelerator.unwrap_model(accelerator._models[0]), final)
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -474,6 +503,8 @@ def train(args) -> dict:
         with open(os.path.join(resume_dir, STATE_FILE)) as f:
             state = json.load(f)
         log(f"resumed from {resume_dir} at step {state['step']} (epoch {state['epoch']})")
+    state.setdefault("skipped_steps", 0)
+    bad_steps = BadStepCounter(args.max_bad_steps)
     accelerator.init_trackers(
         TRACKER_PROJECT, config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
     )
@@ -507,6 +538,7 @@ def train(args) -> dict:
         run_eval()  # R@K before training
     progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_main_process)
     sums, micro_batches, last_eval, last_saved, started = torch.zeros(len(LOSS_NAMES)), 0, None, None, time.time()
+    step_problem = None  # why the optimizer step being accumulated is skipped, if it is
     start_epoch, skip = state["epoch"], state["batches_in_epoch"]
     model.train()
     for epoch in range(start_epoch, num_epochs):
@@ -526,19 +558,41 @@ def train(args) -> dict:
                 log(f"step {state['step']}: a batch with no usable sample on some process: skipped")
                 continue
             with accelerator.accumulate(model):
-                output = model(**inputs, return_loss=True)
-                accelerator.backward(output.loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
+                # NaN/inf inputs, a forward failing on them, a NaN loss: the step is skipped, never applied. Every
+                # process decides the same before the forward's and backward's collectives, or DDP would hang.
+                problem, output = nonfinite_inputs(inputs), None
+                if not on_any_process(problem is not None, accelerator):
+                    output, problem = guarded_forward(model, inputs)
+                bad_batch = on_any_process(problem is not None, accelerator)
+                if bad_batch:
+                    step_problem = describe_bad_batch(problem, list(batch.get("ids", []))[:rows], accelerator)
+                else:
+                    accelerator.backward(output.loss)
+                if accelerator.sync_gradients and step_problem is None:
+                    if args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
                     scheduler.step()
-                optimizer.zero_grad()
-            losses = torch.stack([getattr(output, name).detach().float() for name in LOSS_NAMES])
-            sums += accelerator.reduce(losses, "mean").cpu()  # each process's loss averaged: the global batch's
-            micro_batches += 1
+                optimizer.zero_grad()  # also drops the gradients of a skipped step's good micro-batches
+            if not bad_batch:
+                losses = torch.stack([getattr(output, name).detach().float() for name in LOSS_NAMES])
+                sums += accelerator.reduce(losses, "mean").cpu()  # each process's loss averaged: the global batch's
+                micro_batches += 1
             if not accelerator.sync_gradients:
                 continue
+            if step_problem is not None:
+                log(f"warning: step {state['step'] + 1} skipped (no update): {step_problem}")
+                if log_file:
+                    log_file.write(json.dumps({"step": state["step"], "skipped_step": step_problem}) + "\n")
+                    log_file.flush()
+                sums, micro_batches, description, step_problem = torch.zeros(len(LOSS_NAMES)), 0, step_problem, None
+                state["skipped_steps"] += 1
+                if bad_steps.bad_step():  # --max_bad_steps in a row: something is wrong beyond one bad sample
+                    save_checkpoint(accelerator, args, state)  # the good steps since the last checkpoint are kept
+                    checkpoint = os.path.join(args.output_dir, "checkpoints", f"step_{state['step']}")
+                    raise TrainingStopped(bad_steps.stop_message(description, checkpoint))
+                continue
+            bad_steps.good_step()
             accelerator.unwrap_model(model).clamp_logit_scale()
             state["step"] += 1
             progress.update(1)
@@ -574,6 +628,7 @@ def train(args) -> dict:
         log(f"{args.eval_split} before: {format_metrics(state['initial'])}")
         log(f"{args.eval_split} after:  {format_metrics(last_eval)}")
     results = {"initial": state["initial"], "final": last_eval, "best_step": state["best_step"], "test": None}
+    results["skipped_steps"] = state["skipped_steps"]
     if test_loader is not None:
         load_model_folder(model, os.path.join(args.output_dir, "best"))
         results["test"] = evaluate(model, test_loader, accelerator, args)
@@ -603,7 +658,10 @@ def train(args) -> dict:
 
 
 def main(argv=None):
-    return train(parse_args(argv))
+    try:
+        return train(parse_args(argv))
+    except TrainingStopped as error:  # not a bug: the run stopped on purpose, and says why on one line
+        raise SystemExit(f"finetune.py: error: {error}") from error
 
 
 if __name__ == "__main__":
