@@ -38,11 +38,17 @@ from tqdm.auto import tqdm
 from training_guards import (
     BadStepCounter,
     TrainingStopped,
+    agree_on_problem,
+    checkpoint_room_problem,
     describe_bad_batch,
     guarded_forward,
+    guarded_write,
+    main_process_decides,
     nonfinite_inputs,
     nonfinite_weights,
     on_any_process,
+    state_bytes,
+    tensor_bytes,
 )
 from transformers import AutoConfig, CLIPImageProcessorPil, CLIPTokenizer, get_scheduler
 
@@ -335,13 +341,27 @@ def save_model_folder(accelerator, model, processor, path: str) -> None:
     """`save_pretrained` of model (safetensors, code files for trust_remote_code) and processor, atomically."""
     refuse_nonfinite_weights(accelerator.unwrap_model(model), path)
     state_dict = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed: every process calls it
+    problem = None
     if accelerator.is_main_process:
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
-        processor.save_pretrained(tmp)
-        replace_dir(tmp, path)
+
+        def write():
+            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+            processor.save_pretrained(tmp)
+            replace_dir(tmp, path)
+
+        problem = guarded_write(path, os.path.dirname(os.path.abspath(path)), room_needed(state_dict), write, tmp)
+    problem = main_process_decides(problem, accelerator)  # every process stops, or none
+    if problem:
+        raise TrainingStopped(problem)
     accelerator.wait_for_everyone()
+
+
+def room_needed(tensors) -> int:
+    """Bytes to have free before writing `tensors` (a state dict, an accelerator's state): theirs, plus headers."""
+    count = tensors if isinstance(tensors, int) else tensor_bytes(tensors)
+    return int(count * 1.01) + (1 << 20)
 
 
 def load_model_folder(model, path: str) -> None:
@@ -366,18 +386,39 @@ def checkpoint_steps(output_dir: str) -> list[int]:
 
 
 def save_checkpoint(accelerator, args, state: dict) -> None:
-    """`save_state` (model, optimizer, scheduler, RNGs) + the loop position, written to a temp folder then renamed."""
+    """`save_state` (model, optimizer, scheduler, RNGs) + the loop position, written to a temp folder then renamed.
+
+    Free space is checked first: what rotation deletes after this checkpoint may go before it, but never the newest
+    complete checkpoint. A full disk stops the run on every process with a message saying so.
+    """
     folder = os.path.join(args.output_dir, "checkpoints")
     tmp, final = os.path.join(folder, f".tmp-step_{state['step']}"), os.path.join(folder, f"step_{state['step']}")
     refuse_nonfinite_weights(accelerator.unwrap_model(accelerator._models[0]), final)
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
+    needed, problem = room_needed(state_bytes(accelerator)), None
     if accelerator.is_main_process:
-        with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump(state, f, indent=2)
-        replace_dir(tmp, final)
-        for step in checkpoint_steps(args.output_dir)[: -args.keep_checkpoints]:
-            shutil.rmtree(os.path.join(folder, f"step_{step}"), ignore_errors=True)
+        os.makedirs(folder, exist_ok=True)
+        steps = [step for step in checkpoint_steps(args.output_dir) if step != state["step"]]
+        rotated = steps[: max(0, len(steps) - (args.keep_checkpoints - 1))][: len(steps) - 1]  # never the newest
+        deletable = [os.path.join(folder, f"step_{step}") for step in rotated]
+        problem = checkpoint_room_problem(folder, needed, deletable, final)
+    problem = main_process_decides(problem, accelerator)
+    if problem is None:  # every process writes its part (its RNG state), then all agree on how it went
+        problem = agree_on_problem(guarded_write(final, folder, 0, lambda: accelerator.save_state(tmp)), accelerator)
+    if problem is None and accelerator.is_main_process:
+
+        def finish():
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump(state, f, indent=2)
+            replace_dir(tmp, final)
+            for step in checkpoint_steps(args.output_dir)[: -args.keep_checkpoints]:
+                shutil.rmtree(os.path.join(folder, f"step_{step}"), ignore_errors=True)
+
+        problem = guarded_write(final, folder, 0, finish)
+    problem = main_process_decides(problem, accelerator)
+    if problem is not None:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint only takes the room others need
+        raise TrainingStopped(problem)
     accelerator.wait_for_everyone()
 
 

@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
@@ -123,6 +124,11 @@ def _tensor_bytes(value) -> int:
     return 0
 
 
+def tensor_bytes(value) -> int:
+    """Bytes of the tensors in `value` (a tensor, or dicts / lists of them, like a state dict)."""
+    return _tensor_bytes(value)
+
+
 def state_bytes(accelerator) -> int:
     """Bytes of the tensors `save_state` writes: every model's state dict and every optimizer's state."""
     models = sum(_tensor_bytes(model.state_dict()) for model in accelerator._models)
@@ -147,9 +153,9 @@ def is_disk_full(error: BaseException) -> bool:
 def disk_full_message(what: str, folder: str, needed: int, error: BaseException | None = None) -> str:
     cause = f" ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})" if error else ""
     return (
-        f"the disk is full: {what} needs about {format_bytes(needed)} (the state's tensors) and {folder} has "
-        f"{format_bytes(free_bytes(folder))} free{cause}. Free some space (or lower --keep_checkpoints, or choose an "
-        "--output_dir on a larger disk), then --resume: the last complete checkpoint is kept"
+        f"the disk is full: writing {what} needs about {format_bytes(needed)} ({needed} bytes of tensors) and {folder} "
+        f"has {format_bytes(free_bytes(folder))} free{cause}. Free some space (or lower --keep_checkpoints, or choose "
+        "an --output_dir on a larger disk), then --resume: the last complete checkpoint is kept"
     )
 
 
@@ -166,6 +172,39 @@ def make_room(folder: str, needed: int, deletable: list[str]) -> list[str]:
         shutil.rmtree(path, ignore_errors=True)
         deleted.append(path)
     return deleted
+
+
+def checkpoint_room_problem(folder: str, needed: int, deletable: list[str], what: str) -> str | None:
+    """Make room for a checkpoint of `needed` bytes in `folder` before writing it, or say why there is none.
+
+    Deleted, oldest first and only as far as needed: incomplete `.tmp-*` folders of interrupted writes, then the
+    `deletable` checkpoints (those rotation deletes once the new one is written, never the newest complete one).
+    """
+    if free_bytes(folder) >= needed:
+        return None
+    leftovers = sorted(str(path) for path in Path(folder).glob(".tmp-*") if path.is_dir())
+    deleted = make_room(folder, needed, leftovers + deletable)
+    if deleted:
+        logger.warning("made room for %s: deleted %s", what, ", ".join(deleted))
+    if free_bytes(folder) >= needed:
+        return None
+    return disk_full_message(what, folder, needed)
+
+
+def guarded_write(what: str, folder: str, needed: int, write, cleanup: str | None = None) -> str | None:
+    """Run `write()`; a full disk (checked first when `needed` > 0, or the writer's own error) becomes the returned
+    message, after removing the half-written `cleanup` folder. Other errors are bugs: raised."""
+    if needed and free_bytes(folder) < needed:
+        return disk_full_message(what, folder, needed)
+    try:
+        write()
+    except Exception as error:  # torch raises RuntimeError, safetensors SafetensorError, Python OSError
+        if cleanup:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        if is_disk_full(error):
+            return disk_full_message(what, folder, max(needed, 1), error)
+        raise
+    return None
 
 
 def agree_on_problem(problem: str | None, accelerator) -> str | None:
@@ -192,11 +231,13 @@ __all__ = [
     "BadStepCounter",
     "TrainingStopped",
     "agree_on_problem",
+    "checkpoint_room_problem",
     "describe_bad_batch",
     "disk_full_message",
     "format_bytes",
     "free_bytes",
     "guarded_forward",
+    "guarded_write",
     "is_disk_full",
     "main_process_decides",
     "make_room",
@@ -204,4 +245,5 @@ __all__ = [
     "nonfinite_weights",
     "on_any_process",
     "state_bytes",
+    "tensor_bytes",
 ]
