@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .data.report import one_line
 from .metrics import retrieval_metrics
 from .retrieval import _atomic_write, encode_images, encode_texts
 
@@ -70,7 +71,16 @@ def load_model_and_processor(
 
     import entityclip_hf  # noqa: F401  (registers EntityCLIP with the Auto classes)
 
-    model = AutoModel.from_pretrained(model_path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    text = str(model_path)
+    # A Hub id is 'name' or 'user/name': anything else that does not exist is a missing folder.
+    looks_local = os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1
+    if looks_local and not os.path.exists(os.path.expanduser(text)):
+        # transformers would answer "Repo id must be in the form ...": say what is wrong instead.
+        raise FileNotFoundError(f"{model_path}: no such model folder (nor a Hub id: those are 'name' or 'user/name')")
+    try:
+        model = AutoModel.from_pretrained(model_path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    except OSError as error:  # no config.json, no weights, an id the Hub (or the offline cache) does not have
+        raise OSError(f"cannot load a model from {model_path}: {str(error).splitlines()[0]}") from error
     if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
         raise ValueError(
             f"{model_path} holds a {type(model).__name__}, which has no get_image_features/get_text_features: "
@@ -238,7 +248,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = _resolve_device(args.device)
     try:
         data, data_report = load_split(args.dataset, args.root, args.split, args.max_samples, args.check_images)
-        model, processor = load_model_and_processor(args.model, device, args.trust_remote_code)
+        try:
+            model, processor = load_model_and_processor(args.model, device, args.trust_remote_code)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--model: {error}") from error
         result = evaluate_split(
             model,
             processor,
@@ -248,8 +261,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             num_workers=args.num_workers,
             progress=not args.no_progress,
         )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"entityclip-eval: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # a user error (a folder, a file, an argument): one line, exit 2
+        print(f"entityclip-eval: error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from error
 
     title = f"{args.model} on {args.dataset}/{args.split}: {result.num_pairs} pairs, {result.seconds:.1f} s on {device}"
@@ -294,10 +307,16 @@ def _resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise SystemExit(f"entityclip-eval: error: --device {name!r}: {error}") from error
+        _exit_with_error(f"--device {name!r}: {error}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("entityclip-eval: error: --device cuda but no CUDA device is available")
+        _exit_with_error("--device cuda but no CUDA device is available")
     return device
+
+
+def _exit_with_error(message: str):
+    """argparse's way: one "error:" line on stderr, exit status 2."""
+    print(f"entityclip-eval: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _device_of(model) -> torch.device:

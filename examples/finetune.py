@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from training_guards import (
     BadStepCounter,
     TrainingStopped,
+    UsageError,
     agree_on_problem,
     checkpoint_room_problem,
     describe_bad_batch,
@@ -53,7 +54,10 @@ from training_guards import (
 from transformers import AutoConfig, CLIPImageProcessorPil, CLIPTokenizer, get_scheduler
 
 from entityclip_hf import EntityCLIPConfig, EntityCLIPModel
-from entityclip_hf.data import EntityCLIPCollator, lazy_images, load_entity_dataset, make_demo_dataset
+from entityclip_hf.data import KNOWN_DATASETS, EntityCLIPCollator, lazy_images, load_entity_dataset, make_demo_dataset
+from entityclip_hf.data.formats import get_format
+from entityclip_hf.data.loading import IMAGE_CHECKS
+from entityclip_hf.data.report import one_line
 from entityclip_hf.evaluation import format_metrics_table
 from entityclip_hf.losses import contrastive_loss
 from entityclip_hf.metrics import retrieval_metrics
@@ -79,7 +83,9 @@ def str2bool(value) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="finetune.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     flag = dict(type=str2bool, nargs="?", const=True)  # `--x`, `--x=true`, `--x=false`
     p.add_argument("--config", help="JSON file of flag values; command-line flags override it")
     # model
@@ -97,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo_entities", type=int, default=24, help="--dataset demo: number of made-up entities")
     p.add_argument("--demo_captions", type=int, default=8, help="--dataset demo: captions (pairs) per entity")
     p.add_argument("--explanations", help="explanation files or cache folders, comma-separated (default: auto)")
-    p.add_argument("--check_images", default="header", help="loader's image check: header, decode or none (fast)")
+    p.add_argument(
+        "--check_images", default="header", choices=IMAGE_CHECKS, help="loader's image check: decode is thorough"
+    )
     p.add_argument("--eval_split", default="validation", help="split used for evaluation and the best checkpoint")
     p.add_argument("--test_split", default="test", help="split on which best/ is finally evaluated ('': none)")
     p.add_argument("--max_train_samples", type=int, help="use only the first N training pairs")
@@ -153,13 +161,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Flags that must be at least 1, and at least 0.
+POSITIVE_FLAGS = ("batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps", "keep_checkpoints",
+                  "log_every", "tiny_hidden_size", "tiny_num_layers", "tiny_image_size", "tiny_patch_size")  # fmt: skip
+NON_NEGATIVE_FLAGS = ("max_steps", "eval_every", "save_every", "warmup_steps", "num_workers", "max_bad_steps")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    """Flags, with defaults taken from --config (a JSON object of flag names; keys starting with _ are comments)."""
+    """Flags, with defaults taken from --config (a JSON object of flag names; keys starting with _ are comments).
+
+    User errors (a config file that cannot be read, an unknown dataset, a number out of range) end here, with
+    argparse's one-line "error:" and exit status 2; `check_paths` then checks the folders and files named.
+    """
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
     if known.config:
-        with open(known.config) as f:
-            values = {key: value for key, value in json.load(f).items() if not key.startswith("_")}  # _: comments
+        try:
+            with open(known.config, encoding="utf-8") as f:
+                values = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            parser.error(f"--config {known.config}: {error}")
+        if not isinstance(values, dict):
+            parser.error(f"--config {known.config}: expected a JSON object of flag values, got {type(values).__name__}")
+        values = {key: value for key, value in values.items() if not key.startswith("_")}  # _: comments
         flags = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - flags)
         if unknown:
@@ -168,7 +192,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
+    for name in POSITIVE_FLAGS + NON_NEGATIVE_FLAGS:
+        if getattr(args, name) < (1 if name in POSITIVE_FLAGS else 0):
+            parser.error(f"--{name} must be >= {1 if name in POSITIVE_FLAGS else 0}, got {getattr(args, name)}")
+    if args.dataset != "demo":
+        try:
+            get_format(args.dataset)
+        except ValueError:
+            parser.error(f"--dataset {args.dataset!r}: expected one of {', '.join(KNOWN_DATASETS)}")
     return args
+
+
+def check_paths(args) -> None:
+    """The folders and files the flags name exist (a `UsageError` otherwise), before any work is done."""
+    if args.dataset != "demo":
+        if args.dataset_root is None:
+            raise UsageError(f"--dataset {args.dataset} needs --dataset_root (the folder holding its files)")
+        if not os.path.isdir(args.dataset_root):
+            raise UsageError(f"--dataset_root {args.dataset_root}: no such folder")
+    for path in args.explanations.split(",") if args.explanations else ():
+        if not os.path.exists(path):
+            raise UsageError(f"--explanations: no file or folder {path}")
+    # A Hub id is 'name' or 'user/name': anything else that does not exist is a missing folder.
+    looks_local = os.path.isabs(args.model) or args.model.startswith((".", "~")) or args.model.count("/") > 1
+    if args.model != "tiny" and looks_local and not os.path.exists(os.path.expanduser(args.model)):
+        raise UsageError(f"--model {args.model}: no such folder")
 
 
 # ----------------------------------------------------------------------------------------------------- model & data
@@ -197,7 +245,7 @@ def build_model_and_processor(args, train_texts):
     if model_type == EntityCLIPConfig.model_type:
         model = EntityCLIPModel.from_pretrained(args.model, dtype=torch.float32, **heads)
         return model, EntityCLIPProcessor.from_pretrained(args.model)
-    raise ValueError(f"--model {args.model}: a {model_type!r} checkpoint; expected 'tiny', CLIP or EntityCLIP")
+    raise UsageError(f"--model {args.model}: a {model_type!r} checkpoint; expected 'tiny', CLIP or EntityCLIP")
 
 
 def load_datasets(args, accelerator):
@@ -208,13 +256,14 @@ def load_datasets(args, accelerator):
         with accelerator.main_process_first():  # the main process builds it, the others then find it complete
             make_demo_dataset(root, num_entities=args.demo_entities, captions_per_entity=args.demo_captions)
         name = "jsonl"  # the demo is written in the plain JSON-lines format
-    elif root is None:
-        raise ValueError(f"--dataset {name} needs --dataset_root (the folder holding its files)")
     explanations = args.explanations.split(",") if args.explanations else "auto"
     with accelerator.main_process_first():  # datasets' cache is written once
-        datasets = lazy_images(
-            load_entity_dataset(name, root, explanations=explanations, check_images=args.check_images)
-        )
+        try:
+            datasets = lazy_images(
+                load_entity_dataset(name, root, explanations=explanations, check_images=args.check_images)
+            )
+        except (OSError, ValueError) as error:  # the folder's layout, a file that cannot be read
+            raise UsageError(f"--dataset {args.dataset} --dataset_root {root}: {one_line(error)}") from error
     if args.max_train_samples:
         datasets["train"] = datasets["train"].select(range(min(args.max_train_samples, len(datasets["train"]))))
     for split in (args.eval_split, args.test_split):
@@ -429,7 +478,7 @@ def find_checkpoint(args) -> str | None:
         return None
     if args.resume != "latest":
         if not os.path.exists(os.path.join(args.resume, STATE_FILE)):
-            raise FileNotFoundError(f"--resume {args.resume}: not a complete checkpoint (no {STATE_FILE})")
+            raise UsageError(f"--resume {args.resume}: not a complete checkpoint (no {STATE_FILE})")
         return args.resume
     steps = checkpoint_steps(args.output_dir)
     return os.path.join(args.output_dir, "checkpoints", f"step_{steps[-1]}") if steps else None
@@ -440,7 +489,7 @@ def clear_previous_run(args, accelerator) -> None:
     previous_run = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(args.output_dir, name))]
     if previous_run and not args.resume:
         if not args.overwrite_output_dir:
-            raise FileExistsError(
+            raise UsageError(
                 f"{args.output_dir} holds an earlier run ({', '.join(previous_run)}): pass --resume to continue it, "
                 "--overwrite_output_dir to replace it, or choose another --output_dir"
             )
@@ -467,7 +516,7 @@ def check_distributed_setup(accelerator, launched_processes: int) -> None:
         raise RuntimeError(f"{launched_processes} processes launched but Accelerate sees {accelerator.num_processes}")
     if accelerator.distributed_type == DistributedType.FSDP:
         # FSDP1 fails when saving, FSDP2 when wrapping: both refuse scalar parameters (pytorch/pytorch#132934).
-        raise ValueError(
+        raise UsageError(
             "FSDP cannot shard CLIP's `logit_scale`, a scalar parameter (torch's FSDP refuses those), so EntityCLIP "
             "trains with DDP: `accelerate launch --multi_gpu ...`. To save memory, add --gradient_checkpointing "
             "and --mixed_precision bf16."
@@ -511,7 +560,12 @@ def train(args) -> dict:
     resume_dir = find_checkpoint(args)
     if args.resume and resume_dir is None:
         log(f"--resume: no checkpoint in {args.output_dir}/checkpoints, starting from scratch")
-    model, processor = build_model_and_processor(args, datasets["train"]["text"])
+    try:
+        model, processor = build_model_and_processor(args, datasets["train"]["text"])
+    except UsageError:
+        raise
+    except (OSError, ValueError) as error:  # no or a bad config.json, an id the Hub (or the offline cache) lacks
+        raise UsageError(f"--model {args.model}: cannot load it ({str(error).splitlines()[0]})") from error
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     if args.compile:
@@ -524,7 +578,7 @@ def train(args) -> dict:
     train_loader, eval_loader, test_loader = make_dataloaders(args, datasets, processor)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if len(train_loader) == 0:
-        raise ValueError(
+        raise UsageError(
             f"{len(datasets['train'])} training pairs: fewer than one batch of {args.batch_size} per process"
         )
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)  # len: batches per process
@@ -567,7 +621,7 @@ def train(args) -> dict:
         if state["initial"] is None:
             state["initial"] = metrics
         if args.best_metric not in metrics:
-            raise ValueError(f"--best_metric {args.best_metric!r} is not an evaluation metric: {sorted(metrics)}")
+            raise UsageError(f"--best_metric {args.best_metric!r} is not an evaluation metric: {sorted(metrics)}")
         value = metrics[args.best_metric]
         if state["step"] > 0 and is_better(value, state["best_value"], args.best_metric):
             state["best_value"], state["best_step"] = value, state["step"]
@@ -699,8 +753,13 @@ def train(args) -> dict:
 
 
 def main(argv=None):
+    args = parse_args(argv)
     try:
-        return train(parse_args(argv))
+        check_paths(args)
+        return train(args)
+    except UsageError as error:  # found once the data or model is opened: said like argparse would, exit status 2
+        print(f"finetune.py: error: {one_line(error)}", file=sys.stderr)
+        raise SystemExit(2) from error
     except TrainingStopped as error:  # not a bug: the run stopped on purpose, and says why on one line
         raise SystemExit(f"finetune.py: error: {error}") from error
 

@@ -30,6 +30,11 @@ _DISK_FULL_TEXTS = ("No space left", "StorageFull", "Disk quota exceeded", "enfo
                     "file write failed")  # fmt: skip
 
 
+class UsageError(ValueError):
+    """A user error found once the run opens its data or model (a folder's layout, a checkpoint that cannot be
+    loaded, an output folder holding another run): `finetune.py` says it on one line and exits with status 2."""
+
+
 class TrainingStopped(RuntimeError):
     """The run cannot go on (too many bad steps in a row, a full disk): the message says why and what to do."""
 
@@ -230,6 +235,7 @@ def nonfinite_weights(model) -> list[str]:
 __all__ = [
     "BadStepCounter",
     "TrainingStopped",
+    "UsageError",
     "agree_on_problem",
     "checkpoint_room_problem",
     "describe_bad_batch",

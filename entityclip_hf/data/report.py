@@ -27,6 +27,16 @@ PROBLEM_LABELS = {
 }
 
 
+def one_line(message: object) -> str:
+    """An error message on one line, for the command lines: a multi-line message (an expected folder layout) has its
+    lines joined with "; " (with a space only after a line ending in ":")."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    for previous, line in zip(lines, lines[1:], strict=False):  # pairs of neighbours
+        text += (" " if previous.endswith(":") else "; ") + line
+    return text
+
+
 class DataError(ValueError):
     """Raised by ``load_entity_dataset(..., strict=True)`` when the data has problems; carries the report."""
 
@@ -148,4 +158,5 @@ __all__ = [
     "DataReport",
     "Issue",
     "SplitReport",
+    "one_line",
 ]
