@@ -686,6 +686,11 @@ def train(args) -> dict:
                     save_checkpoint(accelerator, args, state)  # the good steps since the last checkpoint are kept
                     checkpoint = os.path.join(args.output_dir, "checkpoints", f"step_{state['step']}")
                     raise TrainingStopped(bad_steps.stop_message(description, checkpoint))
+                if not args.save_every and state["batches_in_epoch"] >= len(train_loader):
+                    save_checkpoint(
+                        accelerator, args, state
+                    )  # the epoch's checkpoint, though its last step was skipped
+                    last_saved = state["step"]
                 continue
             bad_steps.good_step()
             accelerator.unwrap_model(model).clamp_logit_scale()

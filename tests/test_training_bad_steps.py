@@ -103,6 +103,15 @@ def test_nan_input_and_a_failing_forward_skip_their_steps_and_name_the_samples(t
         assert_all_finite(path)
 
 
+def test_an_epoch_whose_last_step_is_skipped_still_gets_its_checkpoint(tmp_path, data_root, poisoned):
+    poisoned({6: float("nan")})  # the last of the first epoch's 6 batches
+    out = tmp_path / "run"
+    finetune.main([*SMALL, "--dataset_root", str(data_root), "--output_dir", str(out), "--num_epochs", "2"])
+    state = json.loads((out / "checkpoints" / "step_5" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batches_in_epoch"], state["skipped_steps"]) == (0, 6, 1)
+    assert finetune.checkpoint_steps(str(out)) == [5, 11]
+
+
 def test_a_nan_loss_run_stops_after_max_bad_steps_with_a_clear_message(tmp_path, data_root, poisoned, capsys):
     # gamma = 0: no sampling, so the overflow shows as a NaN loss. Every batch after the first is poisoned.
     poisoned({call: 1e30 for call in range(2, 7)})
