@@ -85,7 +85,7 @@ def sample_negatives(similarity: torch.Tensor, hard: bool = True) -> torch.Tenso
 
     `hard=True` draws from `softmax(similarity)` with the diagonal zeroed (ALBEF): confusable pairs are drawn more
     often, yet every negative keeps a chance, which avoids collapsing onto one false negative. `hard=False` draws
-    uniformly. Needs at least 2 rows.
+    uniformly. A row with a non-finite similarity draws uniformly. Needs at least 2 rows.
     """
     batch_size = similarity.shape[0]
     if similarity.ndim != 2 or similarity.shape[1] != batch_size:
@@ -97,6 +97,10 @@ def sample_negatives(similarity: torch.Tensor, hard: bool = True) -> torch.Tenso
             weights = torch.softmax(similarity.float(), dim=1)
             # Rows whose softmax underflowed everywhere off the diagonal must still be able to draw a negative.
             weights = weights + 1e-6
+            # A non-finite similarity (NaN weights or inputs) would make torch.multinomial raise here, in one process,
+            # while the others wait in the loss's all-gather (a hang under DDP). Such rows draw uniformly instead:
+            # the NaN then reaches the loss on every process, where the training loop sees it and skips the step.
+            weights = torch.where(torch.isfinite(weights).all(dim=1, keepdim=True), weights, 1.0)
         else:
             weights = torch.ones_like(similarity, dtype=torch.float32)
         weights.fill_diagonal_(0)

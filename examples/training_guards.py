@@ -59,8 +59,8 @@ def guarded_forward(model, inputs: dict[str, torch.Tensor]):
     except RuntimeError as error:
         if _SAMPLING_FAILURE not in str(error):
             raise
-        # The embeddings became NaN/inf inside the model (an overflow); the model's hard-negative sampling is where
-        # torch notices first.
+        # The embeddings became NaN/inf inside the model (an overflow) and torch noticed in a sampling op. The
+        # model's own hard-negative sampling draws such rows uniformly, so this catches models that do not.
         return None, f"the forward failed on non-finite values ({str(error).splitlines()[0]})"
     if not bool(torch.isfinite(output.loss.detach()).all()):
         return output, f"non-finite loss ({output.loss.item()})"
