@@ -80,6 +80,13 @@ def contrastive_loss(
     return loss, logits_per_image
 
 
+def _check_square_batch(similarity: torch.Tensor) -> None:
+    if similarity.ndim != 2 or similarity.shape[1] != similarity.shape[0]:
+        raise ValueError(f"similarity must be square [B, B], got {tuple(similarity.shape)}")
+    if similarity.shape[0] < 2:
+        raise ValueError("negatives need a batch of at least 2 pairs")
+
+
 def sample_negatives(similarity: torch.Tensor, hard: bool = True) -> torch.Tensor:
     """For each row of a square similarity matrix, draw the column of one negative (never the row's own index).
 
@@ -87,11 +94,7 @@ def sample_negatives(similarity: torch.Tensor, hard: bool = True) -> torch.Tenso
     often, yet every negative keeps a chance, which avoids collapsing onto one false negative. `hard=False` draws
     uniformly. A row with a non-finite similarity draws uniformly. Needs at least 2 rows.
     """
-    batch_size = similarity.shape[0]
-    if similarity.ndim != 2 or similarity.shape[1] != batch_size:
-        raise ValueError(f"similarity must be square [B, B], got {tuple(similarity.shape)}")
-    if batch_size < 2:
-        raise ValueError("negatives need a batch of at least 2 pairs")
+    _check_square_batch(similarity)
     with torch.no_grad():
         if hard:
             weights = torch.softmax(similarity.float(), dim=1)
@@ -114,11 +117,7 @@ def hardest_negatives(similarity: torch.Tensor) -> torch.Tensor:
     same ITM pairs (transformers' Trainer.evaluate, determinism checks), and the pairs are the most confusable ones.
     Ties go to the lowest index. Needs at least 2 rows.
     """
-    batch_size = similarity.shape[0]
-    if similarity.ndim != 2 or similarity.shape[1] != batch_size:
-        raise ValueError(f"similarity must be square [B, B], got {tuple(similarity.shape)}")
-    if batch_size < 2:
-        raise ValueError("negatives need a batch of at least 2 pairs")
+    _check_square_batch(similarity)
     with torch.no_grad():
         scores = similarity.float().clone()
         scores.fill_diagonal_(float("-inf"))

@@ -78,8 +78,8 @@ def check_model_inputs(
             raise ValueError(f"`pixel_values` is an empty batch ({_describe(pixel_values)}).")
     if paired and input_ids is not None and pixel_values is not None and input_ids.shape[0] != pixel_values.shape[0]:
         raise ValueError(
-            f"return_loss=True trains on matching pairs (row i of each), but got {pixel_values.shape[0]} images "
-            f"and {input_ids.shape[0]} texts."
+            "matching pairs are needed here (row i of the texts describes image i: return_loss=True, "
+            f"match_probability), but got {pixel_values.shape[0]} images and {input_ids.shape[0]} texts."
         )
     if explanation_input_ids is not None and input_ids is not None:
         if explanation_input_ids.shape[0] != input_ids.shape[0]:

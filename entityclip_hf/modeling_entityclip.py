@@ -582,11 +582,6 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
             explanation_attention_mask,
             paired=True,
         )
-        if pixel_values.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"match_probability scores pairs (image i, text i): got {pixel_values.shape[0]} images and "
-                f"{input_ids.shape[0]} texts."
-            )
         output = self._paired_forward(
             input_ids,
             pixel_values,
