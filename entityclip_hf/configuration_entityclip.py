@@ -37,6 +37,10 @@ class EntityCLIPConfig(PreTrainedConfig):
             Standard deviation for the gates and the ITM head.
         layer_norm_eps (`float`, defaults to 1e-5):
             Epsilon of the experts' layer norms.
+        explanation_encoder_gradient (`bool`, defaults to `True`):
+            Backpropagate through CLIP's text encoder on the explanation pass, as the paper does. `False` (opt-in,
+            cheaper) encodes explanations without a gradient: the experts still learn from the explanation tokens,
+            but the text encoder learns only from the texts, which saves that pass's backward and its activations.
     """
 
     model_type = "entityclip"
@@ -70,6 +74,7 @@ class EntityCLIPConfig(PreTrainedConfig):
     logit_scale_max: float = math.log(100.0)
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-5
+    explanation_encoder_gradient: bool = True
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -143,6 +148,10 @@ class EntityCLIPConfig(PreTrainedConfig):
                 raise ValueError(f"`{name}` (a loss weight) must be a finite number >= 0, got {value!r}.")
         if not math.isfinite(self.logit_scale_max) or self.logit_scale_max <= 0:
             raise ValueError(f"`logit_scale_max` must be a positive finite number, got {self.logit_scale_max!r}.")
+        if not isinstance(self.explanation_encoder_gradient, bool):
+            raise ValueError(
+                f"`explanation_encoder_gradient` must be True or False, got {self.explanation_encoder_gradient!r}."
+            )
         if not self.initializer_range > 0:
             raise ValueError(f"`initializer_range` must be positive, got {self.initializer_range!r}.")
 

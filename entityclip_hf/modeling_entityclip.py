@@ -297,7 +297,9 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
             # Encode only up to the last position any explanation uses: beyond it is padding for everyone.
             length = int(mask.bool().any(dim=0).nonzero().max()) + 1
             ids, mask = ids[:, :length], mask[:, :length]
-        encoded, _ = self._text_token_features(ids, mask)
+        # Opt-in: no backward through the text encoder for the explanation pass (explanation_encoder_gradient=False).
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.explanation_encoder_gradient):
+            encoded, _ = self._text_token_features(ids, mask)
         tokens = encoded.tokens.new_zeros(batch_size, encoded.tokens.shape[1], dim)
         tokens[present] = encoded.tokens
         key_mask = torch.zeros(batch_size, tokens.shape[1], dtype=torch.bool, device=device)

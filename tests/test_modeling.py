@@ -469,3 +469,21 @@ def test_hidden_states_and_attentions_are_passed_through(config, tiny_tokenizer,
     with torch.no_grad():
         plain = model(**batch, return_loss=return_loss)
     assert plain.text_model_output.hidden_states is None and plain.vision_model_output.attentions is None
+
+
+@pytest.mark.parametrize("gradient", [True, False])
+def test_explanation_encoder_gradient_option(config, tiny_tokenizer, gradient):
+    """Opt-in cheaper explanations: same forward, no gradient through the text encoder's explanation pass."""
+    torch.manual_seed(0)
+    reference = EntityCLIPModel(config).eval()
+    option = EntityCLIPModel(EntityCLIPConfig(clip_config=config.clip_config, explanation_encoder_gradient=gradient))
+    option.load_state_dict(reference.state_dict())
+    option.eval()
+    seen = []
+    option.clip.text_projection.register_forward_hook(lambda module, args, output: seen.append(output.requires_grad))
+    batch = make_batch(tiny_tokenizer, config)
+    out = option(**batch, return_loss=True)
+    assert seen == [True, gradient]  # the texts' pass, then the explanations' pass
+    torch.testing.assert_close(out.loss, reference(**batch, return_loss=True).loss, rtol=0, atol=0)
+    out.loss.backward()
+    assert option.shared_experts.key_value_weight.grad.abs().sum() > 0  # the experts still learn from explanations
