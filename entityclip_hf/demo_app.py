@@ -361,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"entityclip-demo: error: {one_line(error)}", file=sys.stderr)
         return 2
     demo = build_demo(loader.start(), facts, hasattr(model, "match_probability"), explainer, args.title)
+    logger.info("serving %s with entityclip_hf from %s", args.model, os.path.dirname(os.path.abspath(__file__)))
     # No share link and no analytics: the page is served from this machine only.
     demo.launch(server_name=args.host, server_port=args.port, share=False, max_file_size=args.max_upload)
     return 0

@@ -261,6 +261,14 @@ class _Rows:
     def __getitem__(self, index: int):
         return self.dataset[self.rows[index]][self.column]
 
+    def source(self, index: int) -> dict:
+        """The stored image of `index` undecoded: `{"path": ..., "bytes": ...}` (to copy it byte for byte)."""
+        import datasets
+
+        if not hasattr(self, "_undecoded"):
+            self._undecoded = self.dataset.cast_column(self.column, datasets.Image(decode=False))
+        return self._undecoded[self.rows[index]][self.column]
+
 
 def load_gallery(
     model,
