@@ -227,7 +227,7 @@ def build_demo(
                 with gr.Row():
                     query = gr.Textbox(label="Query", placeholder="e.g. a caption naming people and places",
                                        scale=4, elem_id="query")  # fmt: skip
-                    k_images = gr.Number(value=10, label="k (results)", scale=1)
+                    k_images = gr.Number(value=10, label="k (results)", scale=1, elem_id="k-images")
                 examples = gr.Dropdown(choices=[], label="or take a caption of the gallery", interactive=True)
                 explanation = gr.Textbox(
                     label="Explanation of the query's entities (optional; used by GI-ITM reranking)", lines=2
@@ -235,6 +235,7 @@ def build_demo(
                 explain_button = gr.Button("Generate the explanation", visible=explainer is not None)
                 rerank_images = gr.Checkbox(
                     label="Rerank the top k with GI-ITM (both orders side by side)",
+                    elem_id="rerank-images",
                     interactive=can_rerank,
                     info=None if can_rerank else "this model has no GI-ITM head",
                 )
@@ -242,7 +243,7 @@ def build_demo(
                 image_message = gr.Markdown(elem_id="image-search-message")
                 with gr.Row():
                     clip_gallery = gr.Gallery(label="CLIP order", columns=5, elem_id="clip-gallery")
-                    rerank_gallery = gr.Gallery(label="GI-ITM order", columns=5, visible=False)
+                    rerank_gallery = gr.Gallery(label="GI-ITM order", columns=5, visible=False, elem_id="rerank-gallery")
                 with gr.Row():
                     clip_table = gr.Dataframe(headers=_CLIP_HEADERS, label="CLIP order", interactive=False)
                     rerank_table = gr.Dataframe(headers=_RERANK_HEADERS, label="GI-ITM order", interactive=False)
