@@ -178,6 +178,7 @@ def build_demo(
         empty = (None, [], gr.Dataframe(value=[], visible=bool(rerank)))
         try:
             search = loader.ready()
+            search.check_has_captions()
             query_id = None
             if upload:
                 image = open_query_image(upload)
@@ -243,7 +244,9 @@ def build_demo(
                 image_message = gr.Markdown(elem_id="image-search-message")
                 with gr.Row():
                     clip_gallery = gr.Gallery(label="CLIP order", columns=5, elem_id="clip-gallery")
-                    rerank_gallery = gr.Gallery(label="GI-ITM order", columns=5, visible=False, elem_id="rerank-gallery")
+                    rerank_gallery = gr.Gallery(
+                        label="GI-ITM order", columns=5, visible=False, elem_id="rerank-gallery"
+                    )
                 with gr.Row():
                     clip_table = gr.Dataframe(headers=_CLIP_HEADERS, label="CLIP order", interactive=False)
                     rerank_table = gr.Dataframe(headers=_RERANK_HEADERS, label="GI-ITM order", interactive=False)
@@ -251,15 +254,19 @@ def build_demo(
             with gr.Tab("Image → texts", id="image-to-texts"):
                 with gr.Row():
                     upload = gr.File(label="Upload an image", file_types=["image"], type="filepath")
-                    query_image = gr.Image(label="Query image", interactive=False, type="pil")
+                    query_image = gr.Image(label="Query image", interactive=False, type="pil", height=240)
                 with gr.Row():
-                    gallery_id = gr.Textbox(label="or a gallery item's id (click a result image to pick it)")
+                    gallery_id = gr.Textbox(
+                        label="or a gallery item's id (click a result image to pick it)", elem_id="gallery-id"
+                    )
                     k_texts = gr.Number(value=10, label="k (results)")
                 rerank_texts = gr.Checkbox(label="Rerank the top k with GI-ITM", interactive=can_rerank)
-                texts_button = gr.Button("Search captions", variant="primary")
+                texts_button = gr.Button("Search captions", variant="primary", elem_id="search-texts")
                 text_message = gr.Markdown()
                 with gr.Row():
-                    clip_texts = gr.Dataframe(headers=_CLIP_HEADERS, label="CLIP order", interactive=False)
+                    clip_texts = gr.Dataframe(
+                        headers=_CLIP_HEADERS, label="CLIP order", interactive=False, elem_id="clip-texts"
+                    )
                     rerank_texts_table = gr.Dataframe(
                         headers=_RERANK_HEADERS, label="GI-ITM order", interactive=False, visible=False
                     )
@@ -334,6 +341,10 @@ def prepare(args):
 
     if args.index is None and args.dataset is None:
         raise ValueError("give the gallery: --index FILE, --dataset NAME (with --root), or both.")
+    # Checked before the page starts: a typo must end the command, not leave a page that only says it failed.
+    for option, path in (("--index", args.index), ("--text-index", args.text_index)):
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{option} {path}: no such file")
     model, processor = load_model_and_processor(args.model, _cli_device(args.device), args.trust_remote_code)
     facts = model_facts(args.model, model)
     options = dict(index=args.index, text_index=args.text_index, dataset=args.dataset, root=args.root,

@@ -148,8 +148,7 @@ class DemoSearch:
 
         `query_id` names a gallery item used as the query: its own caption is then marked as the ground truth.
         """
-        if self.text_index is None:
-            raise UserInputError("This gallery has no captions to search: start the demo with a dataset split.")
+        self.check_has_captions()
         if image is None:
             raise UserInputError("Upload an image, or pick one of the gallery, first.")
         k, notes = self._checked_k(k, self.num_texts, "captions")
@@ -168,6 +167,11 @@ class DemoSearch:
         normalised = torch.nn.functional.normalize(query_embedding.float(), dim=-1)[0]
         scores = self.image_index.embeddings.cpu() @ normalised
         return int((scores >= scores[self.image_row_of_id[item_id]]).sum())
+
+    def check_has_captions(self) -> None:
+        """A `UserInputError` when there is nothing to search with an image."""
+        if self.text_index is None:
+            raise UserInputError("This gallery has no captions to search: start the demo with a dataset split.")
 
     def _checked_k(self, k, size: int, what: str) -> tuple[int, list[str]]:
         try:

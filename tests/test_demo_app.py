@@ -365,3 +365,66 @@ def test_model_facts_come_from_the_run_folder_and_the_model_card(setup, tmp_path
     assert facts["base CLIP"] == "openai/clip-vit-base-patch32" and facts["training data"] == "N24News"
     assert "R@1 64.6" in facts["measured on N24News (test), model card"]
     assert "| base CLIP | openai/clip-vit-base-patch32 |" in facts_markdown(list(facts.items()))
+
+
+def test_an_index_alone_lists_results_by_id_and_score(setup, tmp_path):
+    model_folder, _, reference = setup
+    path = save_embeddings(tmp_path / "gallery.safetensors", reference.images, reference.ids, {"modality": "image"})
+    with served(["--model", str(model_folder), "--index", str(path)]) as (url, _):
+        client = Client(url, verbose=False)
+        status, _ = client.predict(api_name="/gallery_status")
+        result = search_images(client, "Felix Okafor speaks to reporters.", k=3)
+        reranking = search_images(client, "Felix Okafor speaks to reporters.", k=3, rerank=True)
+        texts = search_texts(client, gallery_id=reference.ids[0])
+    assert "embeddings only: results are listed by id" in status
+    assert [r["id"] for r in table_rows(result["clip_table"])] == reference.search_images(
+        "Felix Okafor speaks to reporters.", 3
+    )[0]
+    assert result["clip_gallery"] == []
+    assert "Reranking needs the gallery's images" in reranking["message"]
+    assert "no captions to search" in texts["message"]
+
+
+def test_a_gallery_that_cannot_be_prepared_is_said_so_on_the_page(setup, tmp_path):
+    """An embedding file of another model (another dimension): the page still opens and says what is wrong."""
+    model_folder, _, reference = setup
+    other = save_embeddings(tmp_path / "other.safetensors", torch.randn(8, 7), reference.ids, {"modality": "image"})
+    from entityclip_hf.demo_app import _parser, build_demo, prepare
+
+    model, _, loader, facts = prepare(_parser().parse_args(["--model", str(model_folder), "--index", str(other)]))
+    demo = build_demo(loader.start(), facts, True)
+    assert loader.done.wait(60)
+    from .demo_helpers import free_port
+
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        status, _ = client.predict(api_name="/gallery_status")
+        message = search_images(client, "Tidewater Summit")["message"]
+    finally:
+        demo.close()
+    assert "could not be prepared" in status and "dimension 7, but the model's are 32" in status
+    assert "The gallery could not be prepared" in message
+
+
+def test_a_plain_clip_model_searches_but_cannot_rerank(setup, tiny_clip_config):
+    from transformers import CLIPModel
+
+    from entityclip_hf.demo_gallery import UserInputError
+
+    _, root, reference = setup
+    search = load_gallery(CLIPModel(tiny_clip_config).eval(), reference.processor, dataset="jsonl", root=str(root))
+    assert len(search.search_images("Tidewater Summit", 3).clip) == 3
+    with pytest.raises(UserInputError, match="CLIPModel has no GI-ITM head"):
+        search.search_images("Tidewater Summit", 3, rerank=True)
+
+
+def test_the_command_says_what_is_missing(setup, capsys):
+    from entityclip_hf.demo_app import main
+
+    model_folder, _, _ = setup
+    assert main(["--model", str(model_folder)]) == 2
+    assert "entityclip-demo: error: give the gallery" in capsys.readouterr().err
+    assert main(["--model", str(model_folder), "--index", "/nowhere/gallery.safetensors"]) == 2
+    assert "entityclip-demo: error: --index /nowhere/gallery.safetensors: no such file" in capsys.readouterr().err

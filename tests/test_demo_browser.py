@@ -82,10 +82,23 @@ def test_search_in_a_real_browser_shows_the_expected_images(browser, tmp_path, t
         message = browser.find_element(By.ID, "image-search-message").text
         screenshot = tmp_path / "demo_page.png"
         browser.save_screenshot(str(screenshot))
+
+        # Clicking a result picks it as the query of the image -> texts tab, which opens.
+        browser.find_elements(By.CSS_SELECTOR, "#clip-gallery .thumbnail-item")[0].click()
+        wait.until(lambda d: [box.get_attribute("value") for box in d.find_elements(By.CSS_SELECTOR, "#gallery-id textarea")]
+                   == [hits.ids[0][0]])  # fmt: skip
+        browser.find_element(By.ID, "search-texts").click()
+        wait.until(lambda d: all(item_id in d.find_element(By.ID, "clip-texts").text for item_id in split["id"]))
+        captions_table = browser.find_element(By.ID, "clip-texts").text
     assert shown == hits.ids[0]
     assert shown_reranked == reranked
     assert "its own image is marked ✔ ground truth" in message
     assert screenshot.stat().st_size > 10_000
+    own_id = hits.ids[0][0]
+    own_caption = split["text"][split["id"].index(own_id)]
+    # The picked image's own caption is the one marked (cells read row by row: id, cosine, mark, caption).
+    assert captions_table.count("✔") == 1
+    assert captions_table.index(own_id) < captions_table.index("✔") < captions_table.index(own_caption)
     if os.environ.get("ENTITYCLIP_DEMO_SCREENSHOT"):
         from PIL import Image
 
