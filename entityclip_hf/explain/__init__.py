@@ -15,23 +15,17 @@ recorded with ``ok: false`` and retried on the next run. ``read_explanation_cach
 Command line: ``entityclip-explain --input captions.jsonl --cache explanations.jsonl --model PATH`` (or
 ``--server http://127.0.0.1:8000 --server-model NAME``); see ``entityclip-explain --help``.
 
-Layout (one file per role): ``prompt`` (the prompt and its version), ``cache`` (results and the cache file),
-``backends/`` (transformers, OpenAI-compatible HTTP), ``run`` (``explain_texts``), ``inputs`` (``read_texts``),
-``cli`` (``entityclip-explain``). Every public name is importable from ``entityclip_hf.explain``.
+Layout (one file per role): ``prompt`` (the prompt and its version), ``results`` (one outcome and its checks), ``cache`` (the file),
+``backends/`` (transformers, vLLM, OpenAI-compatible HTTP), ``batch`` (OpenAI Batch files), ``run`` (``explain_texts``), ``inputs`` (``read_texts``),
+``shards`` (splitting and merging), ``cli`` (``entityclip-explain``). Every public name is importable from ``entityclip_hf.explain``.
 """
 
 from .backends.base import Explainer
 from .backends.openai_http import OpenAICompatibleExplainer
 from .backends.transformers import TransformersExplainer
-from .cache import (
-    CACHE_FIELDS,
-    EMPTY_GENERATION_ERROR,
-    CacheLockedError,
-    ExplanationCache,
-    ExplanationResult,
-    iter_cache_records,
-    read_explanation_cache,
-)
+from .backends.vllm import VLLMExplainer
+from .batch import custom_id_of, export_batch, import_batch
+from .cache import CACHE_FIELDS, CacheLockedError, ExplanationCache, iter_cache_records, read_explanation_cache
 from .cli import build_parser, main
 from .inputs import read_texts
 from .prompt import (
@@ -43,16 +37,20 @@ from .prompt import (
     build_plain_prompt,
     clean_plain_continuation,
 )
-from .run import ExplainInterrupted, ExplainSummary, explain_texts
+from .results import DEFAULT_MAX_ANSWER_CHARS, EMPTY_GENERATION_ERROR, ExplanationResult, cap_answer
+from .run import CircuitBreakerOpen, ExplainInterrupted, ExplainSummary, explain_texts
+from .shards import merge_caches, parse_shard, shard_of, text_hash
 
 __all__ = [
     "CACHE_FIELDS",
+    "DEFAULT_MAX_ANSWER_CHARS",
     "EMPTY_GENERATION_ERROR",
     "PLAIN_PROMPT_TEMPLATE",
     "PROMPT_VERSION",
     "SYSTEM_PROMPT",
     "USER_PROMPT_TEMPLATE",
     "CacheLockedError",
+    "CircuitBreakerOpen",
     "ExplainInterrupted",
     "ExplainSummary",
     "Explainer",
@@ -60,13 +58,22 @@ __all__ = [
     "ExplanationResult",
     "OpenAICompatibleExplainer",
     "TransformersExplainer",
+    "VLLMExplainer",
     "build_messages",
     "build_parser",
     "build_plain_prompt",
+    "cap_answer",
     "clean_plain_continuation",
+    "custom_id_of",
     "explain_texts",
+    "export_batch",
+    "import_batch",
     "iter_cache_records",
     "main",
+    "merge_caches",
+    "parse_shard",
     "read_explanation_cache",
     "read_texts",
+    "shard_of",
+    "text_hash",
 ]

@@ -14,11 +14,11 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .prompt import PROMPT_VERSION
+from .results import EMPTY_GENERATION_ERROR, ExplanationResult
 
 try:  # POSIX only; elsewhere two runs on one cache file are not prevented
     import fcntl
@@ -28,32 +28,6 @@ except ImportError:  # pragma: no cover - Windows
 logger = logging.getLogger(__name__)
 
 CACHE_FIELDS = ("model", "prompt_version", "text", "explanation", "ok", "error")
-EMPTY_GENERATION_ERROR = "empty generation"
-
-
-@dataclass(frozen=True)
-class ExplanationResult:
-    """The outcome of one generation: an explanation, or the error that prevented it."""
-
-    text: str
-    explanation: str | None = None
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and bool(self.explanation)
-
-    @classmethod
-    def from_generation(cls, text: str, generated: str | None) -> ExplanationResult:
-        """Wrap a model's output; an empty (or whitespace-only) output is a failure, never an explanation."""
-        explanation = (generated or "").strip()
-        if not explanation:
-            return cls(text=text, error=EMPTY_GENERATION_ERROR)
-        return cls(text=text, explanation=explanation)
-
-    @classmethod
-    def failure(cls, text: str, error: str) -> ExplanationResult:
-        return cls(text=text, error=error or "unknown error")
 
 
 def _record_problem(record: Any) -> str | None:
@@ -98,18 +72,33 @@ def iter_cache_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
             yield record
 
 
+def cache_files(path: str | os.PathLike) -> list[Path]:
+    """The cache file ``path``, or the ``*.jsonl`` / ``*.ndjson`` files of the folder ``path`` (sorted by name)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(file for file in path.iterdir() if file.suffix.lower() in (".jsonl", ".ndjson"))
+        if not files:
+            raise FileNotFoundError(f"no cache files (*.jsonl) in the folder {path}")
+        return files
+    if not path.exists():
+        raise FileNotFoundError(f"explanation cache not found: {path}")
+    return [path]
+
+
 def read_explanation_cache(
     path: str | os.PathLike, model: str | None = None, prompt_version: str | None = None
 ) -> dict[str, str]:
-    """Map each text to its explanation from a cache file (ok entries only; later lines win).
+    """Map each text to its explanation from a cache file, or a folder of them (ok entries only; later lines win).
 
-    ``model`` and ``prompt_version`` restrict the entries to one generator / one prompt. With ``prompt_version=None``
-    every version counts, but an entry of the current prompt (`PROMPT_VERSION`) wins over older ones whatever the
-    line order, and the texts explained only by an older prompt are counted in a warning: a changed prompt is never
-    silently mixed in. With ``model=None`` every model counts; the later line wins.
+    A folder (e.g. one cache per ``--shard`` worker) is read as its ``*.jsonl`` files in name order, as if they
+    were one file. ``model`` and ``prompt_version`` restrict the entries to one generator / one prompt. With
+    ``prompt_version=None`` every version counts, but an entry of the current prompt (`PROMPT_VERSION`) wins over
+    older ones whatever the line order, and the texts explained only by an older prompt are counted in a warning: a
+    changed prompt is never silently mixed in. With ``model=None`` every model counts; the later line wins.
     """
     chosen: dict[str, tuple[bool, str]] = {}  # text -> (written with the current prompt, explanation)
-    for record in iter_cache_records(path):
+    records = (record for file in cache_files(path) for record in iter_cache_records(file))
+    for record in records:
         if model is not None and record["model"] != model:
             continue
         if prompt_version is not None and record["prompt_version"] != prompt_version:
@@ -195,24 +184,71 @@ class ExplanationCache:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def append(self, results: Sequence[ExplanationResult]) -> None:
-        """Append one line per result, then flush and fsync so that the batch survives a crash."""
+    def append(self, results: Sequence[ExplanationResult]) -> list[ExplanationResult]:
+        """Append one line per result, then flush and fsync so that the batch survives a crash.
+
+        A result that cannot be stored as UTF-8 (a lone surrogate in its text or answer) becomes a failed record
+        naming the problem; the other results of the batch are written as usual. Returns the results as stored.
+        """
         if self._handle is None:
             raise RuntimeError("ExplanationCache.append needs an open cache: use `with ExplanationCache(...) as cache`")
         if not results:
-            return
-        lines = []
-        for result in results:
-            record = {
-                "model": self.model,
-                "prompt_version": self.prompt_version,
-                "text": result.text,
-                "explanation": result.explanation if result.ok else None,
-                "ok": result.ok,
-                "error": None if result.ok else (result.error or EMPTY_GENERATION_ERROR),
-            }
-            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+            return []
+        encoded = [self._encode_record(result) for result in results]
         # One write per batch: an interrupt lands between whole lines in the buffer, never inside one.
-        self._handle.write("".join(lines).encode("utf-8"))
+        self._handle.write(b"".join(line for line, _ in encoded))
         self._handle.flush()
         os.fsync(self._handle.fileno())
+        return [stored for _, stored in encoded]
+
+    def _record(self, text: str, explanation: str | None, ok: bool, error: str | None) -> bytes:
+        record = {
+            "model": self.model,
+            "prompt_version": self.prompt_version,
+            "text": text,
+            "explanation": explanation,
+            "ok": ok,
+            "error": error,
+        }
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+
+    def _encode_record(self, result: ExplanationResult) -> tuple[bytes, ExplanationResult]:
+        try:
+            line = self._record(
+                result.text,
+                result.explanation if result.ok else None,
+                result.ok,
+                None if result.ok else (result.error or EMPTY_GENERATION_ERROR),
+            )
+            return line, result
+        except UnicodeEncodeError:
+            pass
+        # Something in the record is not valid Unicode; find what, and store a failure that says so.
+        text_problem = unstorable_text_problem(result.text)
+        if text_problem is not None:
+            # The text itself cannot be a key: record its escaped form, so the line names it and reads back.
+            stored = ExplanationResult.failure(escape_unstorable(result.text), text_problem)
+            return self._record(stored.text, None, False, stored.error), stored
+        answer = result.explanation if result.ok else result.error
+        problem = unstorable_text_problem(answer or "") or "not valid Unicode"
+        what = "answer" if result.ok else "error message"
+        error = f"the {what} cannot be stored: {problem}; it began {escape_unstorable((answer or '')[:200])!r}"
+        return self._record(result.text, None, False, error), ExplanationResult.failure(result.text, error)
+
+
+def escape_unstorable(text: str) -> str:
+    """``text`` with every character UTF-8 cannot hold (lone surrogates) written as a ``\\udXXX`` escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def unstorable_text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be written to the cache (UTF-8), naming the character and where; None when it can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = text[error.start]
+        return (
+            f"text holds a lone UTF-16 surrogate U+{ord(bad):04X} at character {error.start} (a string cut inside "
+            f"an emoji?), which UTF-8 cannot store: {escape_unstorable(text[:200])!r}"
+        )
+    return None

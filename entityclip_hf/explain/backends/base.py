@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from ..cache import ExplanationResult
+from ..results import ExplanationResult
 
 
 class Explainer(Protocol):

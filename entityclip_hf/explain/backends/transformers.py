@@ -7,8 +7,7 @@ import logging
 import os
 from collections.abc import Sequence
 
-from ..cache import ExplanationResult
-from ..prompt import build_messages, build_plain_prompt, clean_plain_continuation
+from .local import LocalBatchExplainer, PromptFormatter
 
 logger = logging.getLogger(__name__)
 
@@ -25,15 +24,14 @@ def _resolve_device(device: str) -> str:
     return "cpu"
 
 
-class TransformersExplainer:
+class TransformersExplainer(LocalBatchExplainer):
     """Explanations from a local ``transformers`` causal LM (a path or a hub name), batched with left padding.
 
-    The prompt goes through the tokenizer's chat template when it has one, else the plain prompt is used. Greedy
+    The prompt goes through the tokenizer's chat template when it has one, else the plain prompt is used (see
+    ``LocalBatchExplainer``: everything but the ``generate`` call is shared with the vLLM backend). Greedy
     decoding by default (``temperature > 0`` samples). ``model_id`` (default: ``model_name_or_path``) is the name
     recorded in the cache.
     """
-
-    concurrency = 1
 
     def __init__(
         self,
@@ -77,16 +75,8 @@ class TransformersExplainer:
             self.model.to(_resolve_device(device))
         self.model.eval()
 
-        self.uses_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
-        self.use_system_role = self.uses_chat_template and self._template_accepts_system_role()
+        self.formatter = PromptFormatter(self.tokenizer)
         self.generation_config = self._generation_config()
-
-    def _template_accepts_system_role(self) -> bool:
-        try:
-            self.tokenizer.apply_chat_template(build_messages("x"), tokenize=False, add_generation_prompt=True)
-        except Exception:  # jinja's TemplateError from the template's raise_exception, or anything it raises
-            return False
-        return True
 
     def _generation_config(self):
         # A copy of the model's own settings (eos ids, suppressed tokens...) with our decoding choices on top; the
@@ -104,39 +94,20 @@ class TransformersExplainer:
             config.pad_token_id = self.tokenizer.pad_token_id
         return config
 
-    def prompt(self, text: str) -> str:
-        """The exact string the model is given for ``text``."""
-        if self.uses_chat_template:
-            return self.tokenizer.apply_chat_template(
-                build_messages(text, use_system_role=self.use_system_role), tokenize=False, add_generation_prompt=True
-            )
-        return build_plain_prompt(text)
-
-    def explain_batch(self, texts: Sequence[str]) -> list[ExplanationResult]:
-        """Generate for ``texts`` in one ``generate`` call; a failing batch is retried text by text."""
+    def _after_failed_batch(self) -> None:
         import torch
 
-        try:
-            # A chat template writes its own special tokens (BOS...); adding them again would double them.
-            inputs = self.tokenizer(
-                [self.prompt(text) for text in texts],
-                padding=True,
-                add_special_tokens=not self.uses_chat_template,
-                return_tensors="pt",
-            ).to(self.model.device)
-            with torch.inference_mode():
-                output = self.model.generate(**inputs, generation_config=self.generation_config)
-            new_tokens = output[:, inputs["input_ids"].shape[1] :]
-            generated = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        except Exception as error:  # out of memory, a prompt longer than the context...: isolate the culprit
-            if len(texts) > 1:
-                logger.warning(
-                    "batch of %d failed (%s: %s); retrying one by one", len(texts), type(error).__name__, error
-                )
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                return [result for text in texts for result in self.explain_batch([text])]
-            return [ExplanationResult.failure(texts[0], f"{type(error).__name__}: {error}")]
-        if not self.uses_chat_template:
-            generated = [clean_plain_continuation(g) for g in generated]
-        return [ExplanationResult.from_generation(text, g) for text, g in zip(texts, generated, strict=True)]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _generate(self, texts: Sequence[str]) -> list[str]:
+        import torch
+
+        # Left padding with the attention mask: a text's greedy output does not depend on its batch neighbours.
+        inputs = self.tokenizer.pad(
+            {"input_ids": self.formatter.token_ids(texts)}, padding=True, return_tensors="pt"
+        ).to(self.model.device)
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, generation_config=self.generation_config)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
