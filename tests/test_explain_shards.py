@@ -21,9 +21,11 @@ from entityclip_hf.explain import (
     shard_of,
 )
 
-from .test_data_formats import n24news  # noqa: F401, F811  (a fixture)
+from . import test_data_formats
 from .test_explain_faults import dead_url
 from .test_explain_http import FakeOpenAIServer
+
+n24news = test_data_formats.n24news  # a fixture: a tiny N24News folder
 
 TEXTS = [f"item-{i:03d} caption number {i}" for i in range(60)]
 
@@ -79,7 +81,7 @@ def test_three_shards_then_merge_equal_one_run(servers, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
 
 
-def test_the_dataset_loader_reads_a_folder_of_shard_caches(n24news, tmp_path):  # noqa: F811
+def test_the_dataset_loader_reads_a_folder_of_shard_caches(n24news, tmp_path):
     from entityclip_hf.data import load_entity_dataset
 
     for split in ("train", "dev", "test"):  # only the shard caches can explain these rows
