@@ -1089,10 +1089,10 @@ def _parser():
         sub.add_argument("--index-type", choices=INDEX_TYPES, default="flat", help="flat = exact search")
         sub.add_argument("--nlist", type=int, help="IVF lists (default ~4 sqrt(N))")
         sub.add_argument("--nprobe", type=int, help="IVF lists searched per query (default: tuned to recall@10 0.95)")
-        sub.add_argument("--pq-m", type=int, help="IVF-PQ sub-quantisers (default D/8)")
+        sub.add_argument("--pq-m", type=int, help="IVF-PQ sub-quantisers (default D/4)")
         sub.add_argument("--hnsw-m", type=int, help="HNSW neighbours per node (default 32)")
         sub.add_argument("--ef-search", type=int, help="HNSW search effort (default: tuned to recall@10 0.95)")
-        sub.add_argument("--train-size", type=int, help="IVF training sample (default min(N, 64 nlist))")
+        sub.add_argument("--train-size", type=int, help="IVF training sample (default min(N, 32 nlist))")
 
     encode = commands.add_parser("encode", help="encode a gallery into a safetensors embedding file")
     common(encode, gallery_required=True)
