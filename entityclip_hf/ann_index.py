@@ -9,8 +9,8 @@ of its rows: loading checks that the index belongs to that embedding file.
 The search-time knob (``nprobe`` for IVF, ``ef_search`` for HNSW) defaults to ``None``: the index is then *tuned*
 at build time to reach ``target_recall`` (0.95) of recall@10 against exact search on sample queries drawn from the
 gallery (each row's own hit left out; for HNSW, rows held out of the graph), with a margin of 0.01 for the
-sample's noise: the knob doubles, then bisects, to the smallest value that does. The value found is saved with the index and
-reported; give it explicitly to trade recall for speed. IVF-PQ re-ranks its candidates with the exact vectors
+sample's noise: the knob doubles, then bisects, to the smallest value that does. The value found is saved with the
+index and reported; give it explicitly to trade recall for speed. IVF-PQ re-ranks its candidates with the exact vectors
 (``refine_factor`` x k of them): the compressed codes only shortlist.
 """
 
@@ -91,7 +91,7 @@ class AnnOptions:
             _positive("nprobe", options.nprobe)
             if options.nprobe > options.nlist:
                 raise ValueError(
-                    f"nprobe ({options.nprobe}) cannot exceed nlist ({options.nlist}): a query visits at most every list"
+                    f"nprobe ({options.nprobe}) cannot exceed nlist ({options.nlist}): there are no more lists"
                 )
         needed = MIN_POINTS_PER_CENTROID * options.nlist
         if options.index_type == "ivf-pq":
@@ -264,8 +264,8 @@ class ApproximateIndex:
 
         The queries are gallery rows (a seeded sample); each one's own row is left out of both result lists, so the
         measure is the recall of its k true neighbours. With ``held_out`` (rows not added to the index yet, as
-        HNSW's build does) those rows are the queries, and none of them counts as a neighbour. The knob doubles until the target is reached, then a
-        bisection finds the smallest value that still reaches it. For IVF-PQ, nprobe is found with the widest
+        HNSW's build does) those rows are the queries, and none of them counts as a neighbour. The knob doubles
+        until the target is reached, then a bisection finds the smallest value that still reaches it. For IVF-PQ, nprobe is found with the widest
         re-ranking (256 k candidates), then ``refine_factor`` doubles from its value until the target holds again.
         """
         if held_out is None:

@@ -15,9 +15,10 @@ recorded with ``ok: false`` and retried on the next run. ``read_explanation_cach
 Command line: ``entityclip-explain --input captions.jsonl --cache explanations.jsonl --model PATH`` (or
 ``--server http://127.0.0.1:8000 --server-model NAME``); see ``entityclip-explain --help``.
 
-Layout (one file per role): ``prompt`` (the prompt and its version), ``results`` (one outcome and its checks), ``cache`` (the file),
-``backends/`` (transformers, vLLM, OpenAI-compatible HTTP), ``batch`` (OpenAI Batch files), ``run`` (``explain_texts``), ``inputs`` (``read_texts``),
-``shards`` (splitting and merging), ``cli`` (``entityclip-explain``). Every public name is importable from ``entityclip_hf.explain``.
+Layout (one file per role): ``prompt`` (the prompt and its version), ``results`` (one outcome and its checks),
+``cache`` (the file), ``backends/`` (transformers, vLLM, OpenAI-compatible HTTP), ``run`` (``explain_texts``),
+``batch`` (OpenAI Batch files), ``shards`` (splitting and merging), ``inputs`` (``read_texts``), ``cli``
+(``entityclip-explain``). Every public name is importable from ``entityclip_hf.explain``.
 """
 
 from .backends.base import Explainer
