@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .ann_index import APPROXIMATE_INDEX_TYPES, INDEX_TYPES, AnnOptions, ApproximateIndex
+
 __all__ = [
     "EMBEDDINGS_FORMAT",
     "EmbeddingIndex",
@@ -504,6 +506,11 @@ class EmbeddingIndex:
             `datasets.Dataset.add_faiss_index_from_external_arrays`), or `"auto"` (FAISS if importable).
         device: Where the exact search runs (default CPU); the gallery is moved there once.
         chunk_size: Gallery rows scored per block: memory is `query_block * chunk_size * 4` bytes, whatever N.
+        index_type: `"flat"` (exact, as `backend` says) or an approximate FAISS index: `"ivf-flat"`, `"ivf-pq"`,
+            `"hnsw"` (see `entityclip_hf.ann_index`; needs faiss).
+        **ann_options: Options of the approximate index, [`~ann_index.AnnOptions`]: `nlist`, `nprobe`, `pq_m`,
+            `refine_factor`, `hnsw_m`, `ef_construction`, `ef_search`, `train_size`, `target_recall`, `seed`. The
+            search knob (`nprobe` / `ef_search`) left out is tuned at build time to reach `target_recall` (0.95).
     """
 
     def __init__(
@@ -515,7 +522,16 @@ class EmbeddingIndex:
         backend: str = "auto",
         device: str | torch.device | None = None,
         chunk_size: int = 16384,
+        index_type: str = "flat",
+        _saved_ann: str | os.PathLike | None = None,
+        **ann_options,
     ):
+        if index_type not in INDEX_TYPES:
+            raise ValueError(f"unknown index_type {index_type!r}: choose one of {', '.join(INDEX_TYPES)}.")
+        if index_type == "flat" and ann_options:
+            raise ValueError(f"{sorted(ann_options)} apply to approximate indexes; index_type is 'flat' (exact).")
+        if index_type != "flat" and backend == "exact":
+            raise ValueError(f"index_type={index_type!r} is a FAISS index; backend='exact' excludes it.")
         if backend not in ("auto", "exact", "faiss"):
             raise ValueError(f"backend must be 'auto', 'exact' or 'faiss', got {backend!r}.")
         _check_positive_int("chunk_size", chunk_size)
@@ -542,19 +558,57 @@ class EmbeddingIndex:
         self.ids = ids
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.embeddings = gallery.to(self.device)
-        self._faiss_dataset = self._build_faiss() if backend == "faiss" else None
+        self.index_type = index_type
+        self.ann: ApproximateIndex | None = None
+        if index_type in APPROXIMATE_INDEX_TYPES:
+            self.backend = "faiss"
+            self.ann = self._approximate_index(index_type, ann_options, _saved_ann)
+        self._faiss_dataset = self._build_faiss() if self.backend == "faiss" and self.ann is None else None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **kwargs) -> EmbeddingIndex:
-        """An index over an embedding file written by [`save_embeddings`] (its ids included)."""
+        """An index over an embedding file written by [`save_embeddings`] (its ids included).
+
+        With an approximate `index_type`, the index saved beside the file (`<file>.<type>.faiss`, by [`save`])
+        is loaded when its build options agree with the ones given (the search knob may differ); otherwise one is
+        built (and kept in memory: `save` writes it).
+        """
         stored = load_embeddings(path)
+        if kwargs.get("index_type", "flat") in APPROXIMATE_INDEX_TYPES:
+            saved = ApproximateIndex.path_for(path, kwargs["index_type"])
+            kwargs["_saved_ann"] = saved if saved.is_file() else None
         index = cls(stored.embeddings, stored.ids, **kwargs)
         index.metadata = stored.metadata
         return index
 
     def save(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
-        """Write the gallery (as indexed: normalised if `normalize`) and its ids with [`save_embeddings`]."""
-        return save_embeddings(path, self.embeddings.cpu(), self.ids, metadata)
+        """Write the gallery (as indexed: normalised if `normalize`) and its ids with [`save_embeddings`].
+
+        An approximate index is saved beside it (`<file>.<type>.faiss` and its `.json` sidecar).
+        """
+        written = save_embeddings(path, self.embeddings.cpu(), self.ids, metadata)
+        if self.ann is not None:
+            self.ann.save(ApproximateIndex.path_for(written, self.index_type))
+        return written
+
+    def _approximate_index(self, index_type: str, ann_options: dict, saved: str | os.PathLike | None):
+        known = set(AnnOptions.__dataclass_fields__) - {"index_type", "tuned"}
+        unknown = sorted(set(ann_options) - known)
+        if unknown:
+            raise ValueError(f"unknown approximate-index option(s) {unknown}; known: {', '.join(sorted(known))}.")
+        vectors = self.embeddings.cpu().numpy()
+        if saved is not None:
+            loaded = ApproximateIndex.load(saved, vectors)
+            search_knobs = {"nprobe", "ef_search", "threads"}
+            differing = {
+                name: value for name, value in ann_options.items()
+                if name not in search_knobs and value is not None and getattr(loaded.options, name) != value
+            }  # fmt: skip
+            if not differing:
+                loaded.set_search_options(ann_options.get("nprobe"), ann_options.get("ef_search"))
+                return loaded
+            logger.info("%s was built with other options (%s differ): building a new index", saved, sorted(differing))
+        return ApproximateIndex.build(vectors, AnnOptions(index_type=index_type, **ann_options))
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]
@@ -582,7 +636,15 @@ class EmbeddingIndex:
             raise ValueError(f"k={k} exceeds the gallery size ({len(self)} items).")
         if self.normalize:
             query_matrix = F.normalize(query_matrix, dim=-1)
-        if self._faiss_dataset is not None:
+        if self.ann is not None:
+            found_scores, found_rows = self.ann.search(query_matrix.cpu().numpy(), k)
+            scores, indices = torch.from_numpy(found_scores.copy()), torch.from_numpy(found_rows.astype(np.int64))
+            if (indices < 0).any():  # an approximate index can find fewer than k (too few lists probed)
+                raise ValueError(
+                    f"the {self.index_type} index found fewer than k={k} items for some queries: raise nprobe / "
+                    "ef_search, or lower k."
+                )
+        elif self._faiss_dataset is not None:
             scores, indices = self._search_faiss(query_matrix, k)
         else:
             scores, indices = self._search_exact(query_matrix, k)
@@ -893,7 +955,34 @@ def _command_encode(args) -> dict:
         metadata["split"] = args.split
     path = save_embeddings(args.output, gallery.embeddings, gallery.ids, metadata)
     print(f"wrote {len(gallery.ids)} {args.modality} embeddings of dimension {gallery.embeddings.shape[1]} to {path}")
-    return {"path": str(path), "num_rows": len(gallery.ids)}
+    written = {"path": str(path), "num_rows": len(gallery.ids)}
+    if args.index_type != "flat":
+        index = EmbeddingIndex.from_file(path, index_type=args.index_type, **_ann_options(args))
+        ann_path = index.ann.save(ApproximateIndex.path_for(path, args.index_type))
+        print(f"wrote the {args.index_type} index to {ann_path} ({_describe_ann(index.ann)})")
+        written["index"] = str(ann_path)
+    return written
+
+
+def _ann_options(args) -> dict:
+    names = ("nlist", "nprobe", "pq_m", "hnsw_m", "ef_search", "train_size")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def _describe_ann(ann: ApproximateIndex) -> str:
+    options = ann.options
+    knob = (
+        f"ef_search={options.ef_search}"
+        if options.index_type == "hnsw"
+        else f"nlist={options.nlist}, nprobe={options.nprobe}"
+    )
+    recall = {key: value for key, value in options.tuned.items() if key.startswith("sample_recall")}
+    tuned = (
+        f", tuned: recall@10 {next(iter(recall.values()))} on {options.tuned['sample_queries']} sample queries"
+        if recall
+        else ""
+    )
+    return f"{knob}{tuned}, built in {ann.build_seconds:.1f} s"
 
 
 def _command_search(args) -> list[dict]:
@@ -916,7 +1005,15 @@ def _command_search(args) -> list[dict]:
         gallery = _encode_gallery(model, processor, args, gallery_modality)
     else:
         raise ValueError("give the gallery: --images-from (a dataset or a folder of images) or --index FILE.")
-    index = EmbeddingIndex(gallery.embeddings, gallery.ids, backend="auto")
+    ann = _ann_options(args)
+    if args.index_type != "flat" and args.index:
+        saved = ApproximateIndex.path_for(args.index, args.index_type)
+        ann["_saved_ann"] = saved if saved.is_file() else None
+    elif args.index_type == "flat" and ann:
+        raise ValueError(
+            f"{', '.join('--' + name.replace('_', '-') for name in ann)} need --index-type ivf-flat, ivf-pq or hnsw."
+        )
+    index = EmbeddingIndex(gallery.embeddings, gallery.ids, backend="auto", index_type=args.index_type, **ann)
     queries = args.query or args.query_image
     if query_modality == "text":
         query_embeddings = encode_texts(model, processor, queries, progress=False)
@@ -988,6 +1085,14 @@ def _parser():
         sub.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
         sub.add_argument("--trust-remote-code", action="store_true", help="allow other architectures' Hub code")
         sub.add_argument("--no-progress", action="store_true")
+        # Approximate search (FAISS): built with `encode`, saved beside the file; `search --index` loads it.
+        sub.add_argument("--index-type", choices=INDEX_TYPES, default="flat", help="flat = exact search")
+        sub.add_argument("--nlist", type=int, help="IVF lists (default ~4 sqrt(N))")
+        sub.add_argument("--nprobe", type=int, help="IVF lists searched per query (default: tuned to recall@10 0.95)")
+        sub.add_argument("--pq-m", type=int, help="IVF-PQ sub-quantisers (default D/4)")
+        sub.add_argument("--hnsw-m", type=int, help="HNSW neighbours per node (default 32)")
+        sub.add_argument("--ef-search", type=int, help="HNSW search effort (default: tuned to recall@10 0.95)")
+        sub.add_argument("--train-size", type=int, help="IVF training sample (default min(N, 32 nlist))")
 
     encode = commands.add_parser("encode", help="encode a gallery into a safetensors embedding file")
     common(encode, gallery_required=True)

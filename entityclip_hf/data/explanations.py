@@ -6,7 +6,8 @@
   ends with the row's image path relative to the image folder, else a key that is the row's bare file name: no
   absolute path of anyone's machine is needed, and no row gets the explanation of another folder's same-named image.
 - Cache format (JSON lines written by `entityclip_hf.explain`): keyed by text; a row matches by its text as
-  written in the dataset file, else by its whitespace-normalised text.
+  written in the dataset file, else by its whitespace-normalised text. A folder holds any number of caches (e.g.
+  one per `entityclip-explain --shard` worker): each is a source, tried in name order.
 """
 
 from __future__ import annotations

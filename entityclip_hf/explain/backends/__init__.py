@@ -1,0 +1,1 @@
+"""Generator backends: each turns texts into `ExplanationResult`s; everything else is shared (see ``run``)."""

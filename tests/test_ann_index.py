@@ -1,0 +1,142 @@
+"""Approximate search (issue 12, item 5): FAISS IVF-flat, IVF-PQ and HNSW behind EmbeddingIndex, on small clustered
+galleries: build, save beside the embedding file, load, search with recall against exact search, ids mapped back."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("faiss", reason="approximate search needs faiss (the [faiss] extra)")
+
+from entityclip_hf.ann_index import AnnOptions, ApproximateIndex, default_nlist, exact_top, recall_at_k  # noqa: E402
+from entityclip_hf.retrieval import EmbeddingIndex, save_embeddings  # noqa: E402
+
+from . import test_evaluation_cli as evaluation_cli_tests  # noqa: E402
+
+DIM = 32
+
+
+def clustered(count, seed, clusters=40, spread=0.35):
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(123).standard_normal((clusters, DIM)).astype(np.float32)
+    points = centres[rng.integers(0, clusters, count)] + spread * rng.standard_normal((count, DIM)).astype(np.float32)
+    return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def gallery():
+    vectors = clustered(12000, seed=0)
+    ids = [f"img-{row:05d}" for row in range(len(vectors))]
+    queries = clustered(100, seed=1)
+    return vectors, ids, queries, exact_top(vectors, queries, 10)
+
+
+@pytest.mark.parametrize("index_type", ["ivf-flat", "ivf-pq", "hnsw"])
+def test_each_index_type_builds_saves_loads_and_finds_the_neighbours(gallery, tmp_path, index_type):
+    vectors, ids, queries, truth = gallery
+    extra = {"pq_m": 8} if index_type == "ivf-pq" else {}
+    index = EmbeddingIndex(vectors, ids, index_type=index_type, **extra)
+    knob = "ef_search" if index_type == "hnsw" else "nprobe"
+    assert index.ann.options.tuned[knob] == getattr(index.ann.options, knob)  # tuned, since none was given
+    hits = index.search(torch.from_numpy(queries), k=10)
+    assert recall_at_k(hits.indices.numpy(), truth) >= 0.9
+    assert hits.ids[0] == [ids[row] for row in hits.indices[0].tolist()]  # ids map back to the rows found
+    assert (hits.scores[:, :-1] >= hits.scores[:, 1:] - 1e-6).all()  # best first
+
+    path = index.save(tmp_path / "gallery.safetensors")
+    saved = tmp_path / f"gallery.safetensors.{index_type}.faiss"
+    assert saved.is_file() and json.loads(saved.with_name(saved.name + ".json").read_text())["index_type"] == index_type
+    loaded = EmbeddingIndex.from_file(path, index_type=index_type)
+    assert loaded.ann.options.tuned == index.ann.options.tuned  # loaded, not rebuilt
+    again = loaded.search(queries, k=10)
+    assert torch.equal(again.indices, hits.indices) and again.ids == hits.ids
+
+
+def test_a_query_that_is_a_gallery_item_finds_itself_first(gallery):
+    vectors, ids, _, _ = gallery
+    index = EmbeddingIndex(vectors, ids, index_type="hnsw")
+    hits = index.search(vectors[[5, 777, 11999]], k=3)
+    assert [row[0] for row in hits.ids] == ["img-00005", "img-00777", "img-11999"]
+
+
+def test_the_search_knob_can_change_at_load_and_trades_recall(gallery, tmp_path):
+    vectors, ids, queries, truth = gallery
+    path = save_embeddings(tmp_path / "g.safetensors", vectors, ids)
+    EmbeddingIndex.from_file(path, index_type="ivf-flat", nlist=64).save(path)
+    low = EmbeddingIndex.from_file(path, index_type="ivf-flat", nprobe=1)
+    high = EmbeddingIndex.from_file(path, index_type="ivf-flat", nprobe=64)
+    assert low.ann.options.nlist == 64 and high.ann.options.nprobe == 64
+    assert recall_at_k(high.search(queries, k=10).indices.numpy(), truth) == 1.0  # every list: exact
+    assert recall_at_k(low.search(queries, k=10).indices.numpy(), truth) < 1.0
+    rebuilt = EmbeddingIndex.from_file(path, index_type="ivf-flat", nlist=32)  # another build option: rebuilt
+    assert rebuilt.ann.options.nlist == 32
+
+
+def test_an_index_of_another_gallery_is_refused_on_load(gallery, tmp_path):
+    vectors, ids, _, _ = gallery
+    path = tmp_path / "g.safetensors"
+    EmbeddingIndex(vectors, ids, index_type="ivf-flat", nlist=64).save(path)
+    changed = vectors.copy()
+    changed[0] = changed[1]  # one row re-encoded differently
+    save_embeddings(path, changed, ids)
+    with pytest.raises(ValueError, match="built for another gallery"):
+        EmbeddingIndex.from_file(path, index_type="ivf-flat")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"index_type": "ivf-flat", "nlist": 16, "nprobe": 32}, "nprobe \\(32\\) cannot exceed nlist \\(16\\)"),
+        ({"index_type": "annoy"}, "unknown index_type 'annoy'"),
+        ({"index_type": "ivf-flat", "nlist": 64, "train_size": 500}, "training sample too small: 500 vectors"),
+        ({"index_type": "ivf-pq", "pq_m": 7}, "pq_m \\(7\\) must divide the dimension \\(32\\)"),
+        ({"index_type": "hnsw", "nprobe": 4}, "nprobe"),
+        ({"index_type": "flat", "nprobe": 4}, "apply to approximate indexes"),
+        ({"index_type": "ivf-flat", "nlsit": 4}, "unknown approximate-index option"),
+        ({"index_type": "ivf-flat", "backend": "exact"}, "backend='exact' excludes it"),
+    ],
+)
+def test_bad_options_raise_clear_errors(gallery, options, message):
+    vectors, ids, _, _ = gallery
+    with pytest.raises(ValueError, match=message):
+        EmbeddingIndex(vectors[:3000], ids[:3000], **options)
+
+
+def test_a_tiny_gallery_gets_a_small_enough_nlist():
+    assert default_nlist(1_000_000) == 4096 and default_nlist(100_000) == 1024
+    assert default_nlist(1000) * 39 <= 1000
+    tiny = clustered(200, seed=3)
+    index = ApproximateIndex.build(tiny, AnnOptions(index_type="ivf-flat"))
+    assert index.options.nlist * 39 <= 200
+    with pytest.raises(ValueError, match="training sample too small"):
+        ApproximateIndex.build(tiny, AnnOptions(index_type="ivf-pq"))  # 256 PQ centroids need ~10k points
+
+
+model_folder = evaluation_cli_tests.model_folder  # a tiny saved EntityCLIP (module-scoped fixture)
+data_root = evaluation_cli_tests.data_root  # a 7-pair JSON-lines dataset
+
+
+def test_entityclip_search_cli_builds_the_index_beside_the_file_and_searches_with_it(
+    model_folder, data_root, tmp_path, capsys
+):
+    from entityclip_hf import retrieval
+
+    gallery_file = tmp_path / "gallery.safetensors"
+    common = ["--model", str(model_folder), "--no-progress"]
+    written = retrieval.run(
+        ["encode", *common, "--images-from", "jsonl", "--root", str(data_root), "--output", str(gallery_file)]
+        + ["--index-type", "hnsw", "--ef-search", "32"]
+    )
+    assert written["index"] == str(tmp_path / "gallery.safetensors.hnsw.faiss")
+    assert "wrote the hnsw index" in capsys.readouterr().out
+    query = ["search", *common, "--index", str(gallery_file), "--query", "Angela Merkel", "--k", "3"]
+    exact = retrieval.run(query)
+    approximate = retrieval.run([*query, "--index-type", "hnsw"])
+    assert [h["id"] for h in approximate[0]["hits"]] == [h["id"] for h in exact[0]["hits"]]  # 7 items: all found
+    with pytest.raises(SystemExit) as stopped:
+        retrieval.run([*query, "--index-type", "ivf-flat"])  # 7 vectors cannot train an IVF index
+    assert stopped.value.code == 2 and "training sample too small" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:
+        retrieval.run([*query, "--nprobe", "4"])
+    assert stopped.value.code == 2 and "--nprobe need --index-type" in capsys.readouterr().err
