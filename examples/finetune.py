@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo_entities", type=int, default=24, help="--dataset demo: number of made-up entities")
     p.add_argument("--demo_captions", type=int, default=8, help="--dataset demo: captions (pairs) per entity")
     p.add_argument("--explanations", help="explanation files or cache folders, comma-separated (default: auto)")
+    p.add_argument(
+        "--use_explanations", default=True, help="false: train and evaluate without any explanation (ablation)", **flag
+    )
     p.add_argument("--check_images", default="header", help="loader's image check: header, decode or none (fast)")
     p.add_argument("--eval_split", default="validation", help="split used for evaluation and the best checkpoint")
     p.add_argument("--test_split", default="test", help="split on which best/ is finally evaluated ('': none)")
@@ -117,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="eval metric that picks best/: rsum, contrastive_loss (the paper), i2t_R@1, ...",
     )
     p.add_argument("--log_every", type=int, default=10, help="log the training losses every N steps")
+    p.add_argument(
+        "--eval_diagnostics",
+        default=True,
+        help="also log ITM AUC and the expert loss with shuffled explanations / images (leak indicators)",
+        **flag,
+    )
     p.add_argument("--resume", nargs="?", const="latest", help="continue from a checkpoint folder, or the latest one")
     p.add_argument(
         "--overwrite_output_dir", default=False, help="start afresh: delete an earlier run's outputs", **flag
@@ -191,6 +200,8 @@ def load_datasets(args, accelerator):
         datasets = lazy_images(
             load_entity_dataset(name, root, explanations=explanations, check_images=args.check_images)
         )
+    if not args.use_explanations:  # the ablation "without explanations": every row has none
+        datasets = datasets.map(lambda row: {"explanation": None}, desc="dropping explanations")
     if args.max_train_samples:
         datasets["train"] = datasets["train"].select(range(min(args.max_train_samples, len(datasets["train"]))))
     for split in (args.eval_split, args.test_split):
@@ -274,6 +285,65 @@ def evaluate(model, loader, accelerator, args) -> dict[str, float]:
         for i in range(0, len(image_embeds), args.eval_batch_size)
     ]  # fmt: skip
     metrics["contrastive_loss"] = torch.stack(losses).mean().item()
+    if args.eval_diagnostics:
+        metrics.update(evaluate_diagnostics(model, loader, accelerator))
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_diagnostics(model, loader, accelerator) -> dict[str, float]:
+    """Whether the experts and GI-ITM learn image-text matching, or read the answer off the explanation.
+
+    - `itm_loss`, `itm_auc`: GI-ITM on each eval batch's true pairs vs its mined negatives (AUC 0.5: no skill);
+    - `expert_contrastive_loss`: the expert contrastive loss on true pairs;
+    - `expert_contrastive_loss_shuffled_explanations`: the same with each pair given another pair's explanation;
+    - `expert_contrastive_loss_shuffled_images`: each (text, explanation) with another pair's image. An expert
+      loss that matches images to texts must rise towards chance (log of the batch size) here; one that stays far
+      below it is solved from the explanation alone, which both sides read (the leak).
+    """
+    model.eval()
+    probabilities, labels, sums, batches = [], [], {}, 0
+    with torch.random.fork_rng(devices=[]):  # negative mining must not move the training run's random state
+        for batch in loader:
+            inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+            rows = inputs["input_ids"].shape[0]
+            if rows < 2 or "explanation_input_ids" not in inputs:
+                continue
+            output = model(**inputs, return_loss=True)
+            probabilities += output.itm_logits.float().softmax(-1)[:, 0].tolist()
+            labels += output.itm_labels.tolist()
+            rolled_explanations = {
+                **inputs,
+                "explanation_input_ids": inputs["explanation_input_ids"].roll(1, 0),
+                "explanation_attention_mask": inputs["explanation_attention_mask"].roll(1, 0),
+            }
+            rolled_images = {**inputs, "pixel_values": inputs["pixel_values"].roll(1, 0)}
+            values = {
+                "itm_loss": output.itm_loss,
+                "expert_contrastive_loss": output.expert_contrastive_loss,
+                "expert_contrastive_loss_shuffled_explanations": model(
+                    **rolled_explanations, return_loss=True
+                ).expert_contrastive_loss,
+                "expert_contrastive_loss_shuffled_images": model(**rolled_images, return_loss=True).expert_contrastive_loss,
+            }
+            for name, value in values.items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+            batches += 1
+    model.train()
+    from accelerate.utils import gather_object
+
+    from entityclip_hf.itm_evaluation import roc_auc
+
+    probabilities, labels = gather_object(probabilities), gather_object(labels)
+    counts = gather_object([batches])
+    totals = {name: sum(gather_object([value])) for name, value in sorted(sums.items())}
+    if sum(counts) == 0:
+        return {}
+    metrics = {name: value / sum(counts) for name, value in totals.items()}
+    positives = [p for p, label in zip(probabilities, labels, strict=True) if label == 0]
+    negatives = [p for p, label in zip(probabilities, labels, strict=True) if label != 0]
+    if positives and negatives:
+        metrics["itm_auc"] = roc_auc(positives, negatives)
     return metrics
 
 
@@ -282,7 +352,16 @@ def format_metrics(metrics: dict[str, float]) -> str:
         f"{d} R@1 {metrics[f'{d}_R@1']:.1f} R@5 {metrics[f'{d}_R@5']:.1f} R@10 {metrics[f'{d}_R@10']:.1f}"
         for d in ("i2t", "t2i")
     ]
-    return " | ".join(parts + [f"rsum {metrics['rsum']:.1f}", f"contrastive loss {metrics['contrastive_loss']:.4f}"])
+    parts += [f"rsum {metrics['rsum']:.1f}", f"contrastive loss {metrics['contrastive_loss']:.4f}"]
+    diagnostics = (
+        ("itm_loss", "itm loss"),
+        ("itm_auc", "itm auc"),
+        ("expert_contrastive_loss", "expert loss"),
+        ("expert_contrastive_loss_shuffled_explanations", "shuffled explanations"),
+        ("expert_contrastive_loss_shuffled_images", "shuffled images"),
+    )
+    parts += [f"{label} {metrics[name]:.4f}" for name, label in diagnostics if name in metrics]
+    return " | ".join(parts)
 
 
 def is_better(value: float, best: float | None, metric: str) -> bool:
@@ -441,7 +520,9 @@ def train(args) -> dict:
     resume_dir = find_checkpoint(args)
     if args.resume and resume_dir is None:
         log(f"--resume: no checkpoint in {args.output_dir}/checkpoints, starting from scratch")
-    model, processor = build_model_and_processor(args, datasets["train"]["text"])
+    # --model tiny trains its tokenizer here: on the explanations too, or their words would split into characters.
+    tokenizer_corpus = list(datasets["train"]["text"]) + [e for e in datasets["train"]["explanation"] if e]
+    model, processor = build_model_and_processor(args, tokenizer_corpus)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     if args.compile:
