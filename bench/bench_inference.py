@@ -93,7 +93,7 @@ def main(argv=None) -> int:
             {
                 "clip": lambda: clip.get_image_features(pixel_values=pixel_values).pooler_output,
                 "clip_copy": lambda: clip_copy.get_image_features(pixel_values=pixel_values).pooler_output,
-                "entity": lambda: entity.get_image_features(pixel_values),
+                "entity": lambda: entity.get_image_features(pixel_values).pooler_output,
             },
             args.iterations,
             autocast,
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
                 "clip_copy": lambda: (
                     clip_copy.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
                 ),
-                "entity": lambda: entity.get_text_features(input_ids, attention_mask),
+                "entity": lambda: entity.get_text_features(input_ids, attention_mask).pooler_output,
             },
             args.iterations,
             autocast,

@@ -1,3 +1,4 @@
+# Copyright 2026 The entityclip-hf authors. Licensed under the Apache License, Version 2.0.
 """EntityCLIP configuration: a CLIP backbone plus the Multimodal Attentive Experts and GI-ITM hyper-parameters."""
 
 import math
@@ -40,6 +41,22 @@ class EntityCLIPConfig(PreTrainedConfig):
 
     model_type = "entityclip"
     sub_configs_defaults = {"clip_config": CLIPConfig}
+    # What transformers' Trainer leaves out of predictions: everything but the CLIP embeddings, so that
+    # `Trainer.predict` / `compute_metrics` receive (text_embeds, image_embeds) for the whole split (R@K), not
+    # per-batch B x B logits that cannot be concatenated.
+    keys_to_ignore_at_inference = [
+        "logits_per_image",
+        "logits_per_text",
+        "text_model_output",
+        "vision_model_output",
+        "contrastive_loss",
+        "expert_contrastive_loss",
+        "itm_loss",
+        "expert_image_embeds",
+        "expert_text_embeds",
+        "itm_logits",
+        "itm_labels",
+    ]
 
     clip_config: dict | CLIPConfig | None = None
     num_vision_experts: int = 4
@@ -58,9 +75,32 @@ class EntityCLIPConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.validate_entityclip()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """Build from a saved config; a plain CLIP config (model_type "clip") becomes the `clip_config` of one."""
+        if config_dict.get("model_type") == "clip":
+            config_dict = {"clip_config": dict(config_dict)}
+        elif "clip_config" not in config_dict:
+            raise ValueError(
+                "This EntityCLIP config has no `clip_config` (the CLIP backbone's shapes): the config.json is "
+                "incomplete or not an EntityCLIP one. Keys found: " + ", ".join(sorted(config_dict)[:12])
+            )
+        return super().from_dict(config_dict, **kwargs)
+
     @property
     def projection_dim(self) -> int:
+        """Width of CLIP's joint embedding space, where the experts work (`clip_config.projection_dim`)."""
         return self.clip_config.projection_dim
+
+    @property
+    def text_config(self):
+        """CLIP's text tower config (what `get_text_config()` returns, as for `CLIPConfig`)."""
+        return self.clip_config.text_config
+
+    @property
+    def vision_config(self):
+        """CLIP's vision tower config."""
+        return self.clip_config.vision_config
 
     @property
     def num_image_side_experts(self) -> int:

@@ -103,9 +103,34 @@ def sample_negatives(similarity: torch.Tensor, hard: bool = True) -> torch.Tenso
         return torch.multinomial(weights, 1).squeeze(1)
 
 
+def hardest_negatives(similarity: torch.Tensor) -> torch.Tensor:
+    """For each row of a square similarity matrix, the column of its most similar negative (never its own index).
+
+    The deterministic counterpart of `sample_negatives`, used in eval mode: two identical evaluations then score the
+    same ITM pairs (transformers' Trainer.evaluate, determinism checks), and the pairs are the most confusable ones.
+    Ties go to the lowest index. Needs at least 2 rows.
+    """
+    batch_size = similarity.shape[0]
+    if similarity.ndim != 2 or similarity.shape[1] != batch_size:
+        raise ValueError(f"similarity must be square [B, B], got {tuple(similarity.shape)}")
+    if batch_size < 2:
+        raise ValueError("negatives need a batch of at least 2 pairs")
+    with torch.no_grad():
+        scores = similarity.float().clone()
+        scores.fill_diagonal_(float("-inf"))
+        return scores.argmax(dim=1)
+
+
 def itm_loss(itm_logits: torch.Tensor, itm_labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the matching head over all scored pairs (label 0 = match, 1 = no match)."""
     return F.cross_entropy(itm_logits.float(), itm_labels)
 
 
-__all__ = ["contrastive_loss", "distributed_world", "gather_with_grad", "itm_loss", "sample_negatives"]
+__all__ = [
+    "contrastive_loss",
+    "distributed_world",
+    "gather_with_grad",
+    "hardest_negatives",
+    "itm_loss",
+    "sample_negatives",
+]

@@ -1,21 +1,27 @@
 """EntityCLIP: CLIP with Multimodal Attentive Experts (MMAE) and Gated Integrative Image-Text Matching (GI-ITM).
 
-The experts and the matching head only shape training: retrieval uses the fine-tuned CLIP embeddings, so
-`get_image_features` / `get_text_features` cost exactly what CLIP's do.
+The model is a CLIP wherever transformers expects one: `get_image_features` / `get_text_features` return what
+`CLIPModel`'s return, and `forward` without `return_loss` scores N images against M texts exactly as
+`CLIPModel.forward` does (same weights, same numbers). The experts and the matching head only shape training
+(`return_loss=True`, a paired batch) and reranking (`match_probability`), so retrieval costs exactly what CLIP costs.
 """
 
+import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPConfig, CLIPModel, PreTrainedModel
+from transformers import CLIPConfig, CLIPModel, CLIPProcessor, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput, logging
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_entityclip import EntityCLIPConfig
-from .losses import contrastive_loss, itm_loss, sample_negatives
+from .losses import contrastive_loss, hardest_negatives, itm_loss, sample_negatives
+from .modeling_experts import EntityCLIPExpertBank, ExpertKeysValues, TokenFeatures, gated_sum
 
 logger = logging.get_logger(__name__)
 
@@ -27,169 +33,142 @@ ITM_NO_MATCH = 1
 @dataclass
 class EntityCLIPOutput(ModelOutput):
     r"""
+    The first seven fields are `CLIPOutput`'s, in its order, so code written for `CLIPModel` reads them unchanged.
+
     loss (`torch.FloatTensor`, *optional*, returned when `return_loss=True`):
         `contrastive_loss + beta * expert_contrastive_loss + gamma * itm_loss`.
+    logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`):
+        Scaled cosine similarity of the CLIP image and text embeddings (images as rows).
+    logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`):
+        The transpose of `logits_per_image`.
+    text_embeds, image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+        L2-normalised CLIP embeddings (`get_text_features` / `get_image_features`, normalised).
+    text_model_output, vision_model_output (`BaseModelOutputWithPooling`):
+        What `get_text_features` / `get_image_features` return (projected `pooler_output`; hidden states and
+        attentions when asked for).
     contrastive_loss (`torch.FloatTensor`, *optional*):
         Image-text contrastive loss between the CLIP embeddings (what retrieval uses).
     expert_contrastive_loss (`torch.FloatTensor`, *optional*):
         Contrastive loss between the gated expert embeddings.
     itm_loss (`torch.FloatTensor`, *optional*):
         GI-ITM cross-entropy over the positive, negative-text and negative-image pairs.
-    logits_per_image (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
-        Scaled cosine similarity of the CLIP image and text embeddings (images as rows).
-    logits_per_text (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
-        The transpose of `logits_per_image`.
-    image_embeds, text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
-        L2-normalised CLIP embeddings (`get_image_features` / `get_text_features`, normalised).
-    expert_image_embeds, expert_text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
-        L2-normalised gated expert embeddings (the paper's V* and T*).
-    itm_logits (`torch.FloatTensor` of shape `(num_pairs, 2)`):
-        Matching logits (index 0 = match): the `batch_size` positive pairs, followed, when `return_loss=True`, by the
+    expert_image_embeds, expert_text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`, *optional*):
+        L2-normalised gated expert embeddings (the paper's V* and T*), with `return_loss=True`.
+    itm_logits (`torch.FloatTensor` of shape `(num_pairs, 2)`, *optional*):
+        Matching logits (index 0 = match) with `return_loss=True`: the `batch_size` positive pairs, then the
         image-with-negative-text and negative-image-with-text pairs.
-    itm_labels (`torch.LongTensor` of shape `(num_pairs,)`):
+    itm_labels (`torch.LongTensor` of shape `(num_pairs,)`, *optional*):
         The target class of each row of `itm_logits`.
     """
 
     loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
     contrastive_loss: torch.FloatTensor | None = None
     expert_contrastive_loss: torch.FloatTensor | None = None
     itm_loss: torch.FloatTensor | None = None
-    logits_per_image: torch.FloatTensor | None = None
-    logits_per_text: torch.FloatTensor | None = None
-    image_embeds: torch.FloatTensor | None = None
-    text_embeds: torch.FloatTensor | None = None
     expert_image_embeds: torch.FloatTensor | None = None
     expert_text_embeds: torch.FloatTensor | None = None
     itm_logits: torch.FloatTensor | None = None
     itm_labels: torch.LongTensor | None = None
 
-
-@dataclass
-class TokenFeatures:
-    """Projected token features of one modality: every token, the read-out token, and which tokens are real."""
-
-    tokens: torch.Tensor  # [B, L, D]
-    pooled: torch.Tensor  # [B, D]: CLIP's embedding (CLS for images, end-of-text for texts)
-    pooled_position: torch.Tensor  # [B]: where `pooled` sits in `tokens`
-    key_mask: torch.Tensor | None  # [B, L] bool, True = a real token that attention may read; None = all real
-
-
-@dataclass
-class ExpertKeysValues:
-    """Keys and values of one expert bank over a key sequence: computed once, read by every query that needs them."""
-
-    keys: torch.Tensor  # [B, K, H, L, head_dim]
-    values: torch.Tensor  # [B, K, H, L, head_dim]
-    key_mask: torch.Tensor | None  # [B, L] bool, True = attend
-
-
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-class EntityCLIPExpertBank(nn.Module):
-    r"""
-    `num_experts` experts of one kind, each a pre-LayerNorm residual block with its own weights,
-    `x = x + MHA(ln_1(x), ln_1(y), ln_1(y)); x = x + MLP(ln_2(x))`, run together as one batched computation
-    (weights stacked along an expert axis) instead of a loop of small modules.
-
-    EntityCLIP reads each expert at a single token (CLS or end-of-text). In a one-layer block tokens mix only through
-    attention, so that token's output depends on the other query positions not at all: only it is computed, while
-    keys and values cover the whole sequence `y`. The result is exactly the full block read at that token.
-    """
-
-    def __init__(self, num_experts: int, dim: int, num_heads: int, mlp_ratio: float, eps: float):
-        super().__init__()
-        self.num_experts = num_experts
-        self.dim = dim
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.eps = eps
-        mlp_dim = int(dim * mlp_ratio)
-        self.ln_1_weight = nn.Parameter(torch.ones(num_experts, dim))
-        self.ln_1_bias = nn.Parameter(torch.zeros(num_experts, dim))
-        self.query_weight = nn.Parameter(torch.empty(num_experts, dim, dim))
-        self.query_bias = nn.Parameter(torch.zeros(num_experts, dim))
-        # Keys and values share one matmul per expert: [D, 2D].
-        self.key_value_weight = nn.Parameter(torch.empty(num_experts, dim, 2 * dim))
-        self.key_value_bias = nn.Parameter(torch.zeros(num_experts, 2 * dim))
-        self.out_weight = nn.Parameter(torch.empty(num_experts, dim, dim))
-        self.out_bias = nn.Parameter(torch.zeros(num_experts, dim))
-        self.ln_2_weight = nn.Parameter(torch.ones(num_experts, dim))
-        self.ln_2_bias = nn.Parameter(torch.zeros(num_experts, dim))
-        self.fc1_weight = nn.Parameter(torch.empty(num_experts, dim, mlp_dim))
-        self.fc1_bias = nn.Parameter(torch.zeros(num_experts, mlp_dim))
-        self.fc2_weight = nn.Parameter(torch.empty(num_experts, mlp_dim, dim))
-        self.fc2_bias = nn.Parameter(torch.zeros(num_experts, dim))
-
-    def _per_expert_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """LayerNorm of `x` [..., D] with each expert's affine: returns [..., K, D] (one normalisation, K affines)."""
-        normed = F.layer_norm(x, (self.dim,), eps=self.eps).unsqueeze(-2)
-        return normed * weight + bias
-
-    def keys_values(self, tokens: torch.Tensor, key_mask: torch.Tensor | None) -> ExpertKeysValues:
-        """Every expert's keys and values over `tokens` [B, L, D]."""
-        batch_size, length, _ = tokens.shape
-        normed = self._per_expert_norm(tokens, self.ln_1_weight, self.ln_1_bias)  # [B, L, K, D]
-        key_values = torch.einsum("blkd,kde->bkle", normed, self.key_value_weight)
-        key_values = key_values + self.key_value_bias[None, :, None, :]
-        keys, values = key_values.view(batch_size, self.num_experts, length, 2, self.num_heads, self.head_dim).unbind(3)
-        return ExpertKeysValues(keys.transpose(2, 3), values.transpose(2, 3), key_mask)
-
-    def forward(
-        self,
-        query_tokens: torch.Tensor,
-        keys_values: ExpertKeysValues,
-        query_rows: torch.Tensor | None = None,
-        key_rows: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """
-        Run every expert for the pairs (query_tokens[query_rows[p]], key sequence key_rows[p]).
-
-        Args:
-            query_tokens: [N, D] the read-out tokens (CLS / end-of-text), one per query sequence.
-            keys_values: from `keys_values` over M key sequences.
-            query_rows, key_rows: [P] indices pairing queries with key sequences; both default to `arange(N)`.
-        Returns:
-            [P, K, D], each expert's output at the read-out token.
-        """
-        if query_rows is not None:
-            query_tokens = query_tokens[query_rows]
-        keys, values, key_mask = keys_values.keys, keys_values.values, keys_values.key_mask
-        if key_rows is not None:
-            keys, values = keys[key_rows], values[key_rows]
-            key_mask = key_mask[key_rows] if key_mask is not None else None
-        num_pairs = query_tokens.shape[0]
-        normed = self._per_expert_norm(query_tokens, self.ln_1_weight, self.ln_1_bias)  # [P, K, D]
-        queries = torch.einsum("pkd,kde->pke", normed, self.query_weight) + self.query_bias
-        queries = queries.view(num_pairs, self.num_experts, self.num_heads, 1, self.head_dim)
-        attn_mask = key_mask[:, None, None, None, :] if key_mask is not None else None
-        attended = F.scaled_dot_product_attention(
-            queries.flatten(0, 1),
-            keys.flatten(0, 1),
-            values.flatten(0, 1),
-            attn_mask=attn_mask.expand(-1, self.num_experts, -1, -1, -1).flatten(0, 1)
-            if attn_mask is not None
-            else None,
+    def to_tuple(self) -> tuple[Any]:
+        # As CLIPOutput: the nested model outputs become tuples too.
+        return tuple(
+            self[key].to_tuple() if key in ("text_model_output", "vision_model_output") else self[key]
+            for key in self.keys()
         )
-        attended = attended.view(num_pairs, self.num_experts, self.dim)
-        hidden = query_tokens.unsqueeze(1) + torch.einsum("pkd,kde->pke", attended, self.out_weight) + self.out_bias
-        normed = F.layer_norm(hidden, (self.dim,), eps=self.eps) * self.ln_2_weight + self.ln_2_bias
-        mlp = quick_gelu(torch.einsum("pkd,kdf->pkf", normed, self.fc1_weight) + self.fc1_bias)
-        return hidden + torch.einsum("pkf,kfd->pkd", mlp, self.fc2_weight) + self.fc2_bias
 
 
-def gated_sum(gate_logits: torch.Tensor, outputs: torch.Tensor, available: torch.Tensor | None) -> torch.Tensor:
-    """Softmax-gated sum of expert outputs [P, E, D] with gate logits [P, E]; `available` [P, E] masks experts out.
+def _describe(tensor: torch.Tensor) -> str:
+    return f"shape {tuple(tensor.shape)} ({str(tensor.dtype).replace('torch.', '')})"
 
-    A row with no available expert would make the softmax NaN; that cannot happen because the config guarantees
-    each side at least one expert that does not need an explanation, or the caller keeps one available.
-    """
-    gate_logits = gate_logits.float()
-    if available is not None:
-        gate_logits = gate_logits.masked_fill(~available, torch.finfo(gate_logits.dtype).min)
-    gate = torch.softmax(gate_logits, dim=-1).to(outputs.dtype)
-    return torch.einsum("pe,ped->pd", gate, outputs)
+
+def _is_tracing() -> bool:
+    # Value checks read tensor data (a device sync, a graph break): skipped under torch.compile / torch.export.
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def check_model_inputs(
+    config: EntityCLIPConfig,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    pixel_values: torch.Tensor | None,
+    explanation_input_ids: torch.Tensor | None,
+    explanation_attention_mask: torch.Tensor | None,
+    paired: bool,
+) -> None:
+    """Reject inputs that would fail deep inside torch (or, worse, run silently wrong), naming argument and shape."""
+    vocab_size = config.clip_config.text_config.vocab_size
+    max_positions = config.clip_config.text_config.max_position_embeddings
+    num_channels = config.clip_config.vision_config.num_channels
+    for name, ids, mask in (
+        ("input_ids", input_ids, attention_mask),
+        ("explanation_input_ids", explanation_input_ids, explanation_attention_mask),
+    ):
+        if ids is None:
+            continue
+        mask_name = name.replace("input_ids", "attention_mask")
+        if ids.ndim != 2:
+            raise ValueError(
+                f"`{name}` must be 2-D [batch_size, sequence_length], got {_describe(ids)}; "
+                "a single text is a batch of one (`ids[None]`)."
+            )
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"`{name}` must hold integer token ids, got {_describe(ids)}.")
+        if ids.shape[0] == 0:
+            raise ValueError(f"`{name}` is an empty batch ({_describe(ids)}).")
+        if ids.shape[1] > max_positions:
+            raise ValueError(
+                f"`{name}` has {ids.shape[1]} tokens but the text encoder has {max_positions} positions: truncate "
+                "(the processor does)."
+            )
+        if not _is_tracing() and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            raise ValueError(
+                f"`{name}` holds ids {int(ids.min())}..{int(ids.max())} outside the vocabulary 0..{vocab_size - 1}: "
+                "was it made by another tokenizer?"
+            )
+        if mask is not None and tuple(mask.shape) != tuple(ids.shape):
+            raise ValueError(f"`{mask_name}` has {_describe(mask)} but `{name}` has {_describe(ids)}: they must match.")
+    if pixel_values is not None:
+        if pixel_values.dtype == torch.uint8:
+            raise ValueError(
+                f"`pixel_values` are raw uint8 pixels ({_describe(pixel_values)}): normalise them with the model's "
+                "processor (EntityCLIPProcessor / CLIPImageProcessor), which also resizes and crops."
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"`pixel_values` must be a float tensor, got {_describe(pixel_values)}.")
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
+            raise ValueError(
+                f"`pixel_values` must be [batch_size, {num_channels}, height, width], got {_describe(pixel_values)}."
+            )
+        if pixel_values.shape[0] == 0:
+            raise ValueError(f"`pixel_values` is an empty batch ({_describe(pixel_values)}).")
+    if paired and input_ids is not None and pixel_values is not None and input_ids.shape[0] != pixel_values.shape[0]:
+        raise ValueError(
+            f"return_loss=True trains on matching pairs (row i of each), but got {pixel_values.shape[0]} images "
+            f"and {input_ids.shape[0]} texts."
+        )
+    if explanation_input_ids is not None and input_ids is not None:
+        if explanation_input_ids.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"`explanation_input_ids` has {explanation_input_ids.shape[0]} rows but `input_ids` has "
+                f"{input_ids.shape[0]}: one explanation row per text (an all-zero mask row for none)."
+            )
+    if explanation_attention_mask is not None and explanation_input_ids is None:
+        raise ValueError("`explanation_attention_mask` was given without `explanation_input_ids`.")
+
+
+def _torch_linear_default_(weight: torch.Tensor, bias: torch.Tensor | None, fan_in: int) -> None:
+    """nn.Linear's own initialisation (kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)) for weight and bias)."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    init.uniform_(weight, -bound, bound)
+    if bias is not None:
+        init.uniform_(bias, -bound, bound)
 
 
 class EntityCLIPPreTrainedModel(PreTrainedModel):
@@ -205,25 +184,51 @@ class EntityCLIPPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # register_for_auto_class records one Auto class (AutoModel); the zero-shot pipeline of a user without this
+        # package needs the same class under AutoModelForZeroShotImageClassification in auto_map too.
+        if getattr(self, "_auto_class", None) is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            auto_map.setdefault("AutoModelForZeroShotImageClassification", f"{module}.{type(self).__name__}")
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # transformers treats code outside its package as "custom" and then skips, during loading, every module with
+        # no parameters of its own, on the guess that custom `_init_weights` write tensors in place. That skips
+        # CLIPAttention / CLIPMLP, so CLIP weights missing from a checkpoint would keep the generic std-0.02 init
+        # instead of CLIP's scheme. Our `_init_weights` uses `transformers.initialization` (which honours the
+        # "already loaded" flags), so the guess does not apply.
+        return False
+
     def _init_weights(self, module):
-        # CLIP's own modules are initialised by CLIPModel (transformers dispatches to each sub-model's _init_weights).
-        std = self.config.initializer_range
+        """Initialise EntityCLIP's own layers as the paper's released code does (PyTorch's defaults).
+
+        The released code builds each expert from `nn.MultiheadAttention` + `nn.Linear` + `nn.LayerNorm` and the gates
+        and head from `nn.Linear`, leaving torch's initialisation: q/k/v weights xavier-uniform over the [3D, D]
+        in-projection (std ~0.031 at D=512) with zero biases, the attention's out-projection U(+-1/sqrt(D)) with a
+        zero bias, every other linear layer U(+-1/sqrt(fan_in)) for weight and bias. CLIP's own modules never reach
+        this method: transformers dispatches the sub-model `self.clip` to CLIPModel's `_init_weights`.
+        """
         if isinstance(module, EntityCLIPExpertBank):
             dim = module.dim
             for name in ("ln_1_weight", "ln_2_weight"):
                 init.ones_(getattr(module, name))
-            for name in ("ln_1_bias", "ln_2_bias", "query_bias", "key_value_bias", "out_bias", "fc1_bias", "fc2_bias"):
+            for name in ("ln_1_bias", "ln_2_bias", "query_bias", "key_value_bias", "out_bias"):
                 init.zeros_(getattr(module, name))
-            # CLIP's scheme for attention and MLP projections, at the experts' width.
-            init.normal_(module.query_weight, std=dim**-0.5)
-            init.normal_(module.key_value_weight, std=dim**-0.5)
-            init.normal_(module.out_weight, std=dim**-0.5)
-            init.normal_(module.fc1_weight, std=(2 * dim) ** -0.5)
-            init.normal_(module.fc2_weight, std=dim**-0.5)
+            in_projection_bound = math.sqrt(6.0 / (dim + 3 * dim))  # xavier_uniform_ on MHA's [3D, D] in_proj_weight
+            init.uniform_(module.query_weight, -in_projection_bound, in_projection_bound)
+            init.uniform_(module.key_value_weight, -in_projection_bound, in_projection_bound)
+            _torch_linear_default_(module.out_weight, None, dim)
+            _torch_linear_default_(module.fc1_weight, module.fc1_bias, dim)
+            _torch_linear_default_(module.fc2_weight, module.fc2_bias, module.fc2_weight.shape[1])
         elif isinstance(module, nn.Linear):
-            init.normal_(module.weight, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
+            _torch_linear_default_(module.weight, module.bias, module.in_features)
+        elif isinstance(module, EntityCLIPPreTrainedModel) and isinstance(getattr(module, "clip", None), CLIPModel):
+            # CLIPModel sets logit_scale in __init__ only, so a checkpoint without it would load uninitialised memory.
+            init.constant_(module.clip.logit_scale, module.config.clip_config.logit_scale_init_value)
 
 
 class EntityCLIPModel(EntityCLIPPreTrainedModel):
@@ -231,8 +236,9 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
     EntityCLIP: a [`CLIPModel`] fine-tuned with Multimodal Attentive Experts and Gated Integrative Image-Text
     Matching, using an LLM-written explanation of each text's entities during training.
 
-    Retrieval needs only [`get_image_features`] and [`get_text_features`] (plain CLIP). [`match_probability`] scores
-    candidate pairs with the GI-ITM head, for reranking.
+    As a CLIP: [`get_image_features`], [`get_text_features`] and `forward(input_ids, pixel_values)` (N images x M
+    texts) are `CLIPModel`'s on the same weights. For training: `forward(..., return_loss=True)` on a paired batch.
+    For reranking: [`match_probability`]. To share a plain CLIP: [`save_clip_pretrained`].
     """
 
     def __init__(self, config: EntityCLIPConfig):
@@ -257,16 +263,40 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
         self.itm_head = nn.Linear(dim, 2)
         self.post_init()
 
-    # ------------------------------------------------------------------ inference: exactly CLIP
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Projected (unnormalised) CLIP image embeddings [B, D]: what retrieval indexes."""
-        return self.clip.get_image_features(pixel_values=pixel_values, **kwargs).pooler_output
+    def _with_config_output_flags(self, kwargs: dict) -> dict:
+        # CLIP's towers read `output_hidden_states` / `output_attentions` from their own sub-configs; a user sets them
+        # on this model's config, so they are passed down explicitly (an explicit argument still wins).
+        for flag in ("output_hidden_states", "output_attentions"):
+            if kwargs.get(flag) is None and getattr(self.config, flag, False):
+                kwargs[flag] = True
+        return kwargs
 
+    # ------------------------------------------------------------------ inference: exactly CLIP
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs
+    ) -> BaseModelOutputWithPooling | tuple:
+        """CLIP's image features: `pooler_output` [B, D] is the projected (unnormalised) embedding retrieval indexes."""
+        check_model_inputs(self.config, None, None, pixel_values, None, None, paired=False)
+        kwargs = self._with_config_output_flags(kwargs)
+        return self.clip.get_image_features(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
+
+    @can_return_tuple
     def get_text_features(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
-    ) -> torch.Tensor:
-        """Projected (unnormalised) CLIP text embeddings [B, D]: what retrieval queries with."""
-        return self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask, **kwargs).pooler_output
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """CLIP's text features: `pooler_output` [B, D] is the projected (unnormalised) embedding queries use."""
+        check_model_inputs(self.config, input_ids, attention_mask, None, None, None, paired=False)
+        kwargs = self._with_config_output_flags(kwargs)
+        return self.clip.get_text_features(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True, **kwargs
+        )
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
@@ -281,19 +311,35 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
             return input_ids.to(torch.int).argmax(dim=-1)
         return (input_ids.to(torch.int) == eos_token_id).int().argmax(dim=-1)
 
-    def _image_token_features(self, pixel_values: torch.Tensor) -> TokenFeatures:
-        vision_outputs = self.clip.vision_model(pixel_values=pixel_values)
+    def _image_token_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs
+    ) -> tuple[TokenFeatures, BaseModelOutputWithPooling]:
+        """Every image token projected (post layer norm, as CLIP's pooled CLS), and CLIP's image features."""
+        vision_outputs = self.clip.vision_model(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
         tokens = self.clip.visual_projection(self.clip.vision_model.post_layernorm(vision_outputs.last_hidden_state))
         positions = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
-        return TokenFeatures(tokens, tokens[:, 0], positions, None)
+        vision_outputs.pooler_output = tokens[:, 0]  # == visual_projection(pooler_output): get_image_features'
+        return TokenFeatures(tokens, tokens[:, 0], positions, None), vision_outputs
 
-    def _text_token_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> TokenFeatures:
-        text_outputs = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
+    def _text_token_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[TokenFeatures, BaseModelOutputWithPooling]:
+        """Every text token projected, the end-of-text one as CLIP pools it, and CLIP's text features."""
+        text_outputs = self.clip.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True, **kwargs
+        )
         tokens = self.clip.text_projection(text_outputs.last_hidden_state)
         positions = self._end_of_text_positions(input_ids).to(tokens.device)
         pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), positions]
         key_mask = attention_mask.bool() if attention_mask is not None else None
-        return TokenFeatures(tokens, pooled, positions, key_mask)
+        text_outputs.pooler_output = pooled  # == text_projection(pooler_output): get_text_features'
+        return TokenFeatures(tokens, pooled, positions, key_mask), text_outputs
 
     def _explanation_token_features(
         self,
@@ -315,10 +361,6 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
             has_explanation = torch.ones(batch_size, dtype=torch.bool, device=device)
         else:
             has_explanation = explanation_attention_mask.bool().any(dim=1).to(device)
-        if explanation_input_ids is not None and explanation_input_ids.shape[0] != batch_size:
-            raise ValueError(
-                f"explanation_input_ids has {explanation_input_ids.shape[0]} rows but the batch has {batch_size} texts"
-            )
         present = has_explanation.nonzero().squeeze(1)
         if present.numel() == 0:
             dtype = self.clip.text_projection.weight.dtype
@@ -333,7 +375,7 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
             # Encode only up to the last position any explanation uses: beyond it is padding for everyone.
             length = int(mask.bool().any(dim=0).nonzero().max()) + 1
             ids, mask = ids[:, :length], mask[:, :length]
-        encoded = self._text_token_features(ids, mask)
+        encoded, _ = self._text_token_features(ids, mask)
         tokens = encoded.tokens.new_zeros(batch_size, encoded.tokens.shape[1], dim)
         tokens[present] = encoded.tokens
         key_mask = torch.zeros(batch_size, tokens.shape[1], dtype=torch.bool, device=device)
@@ -416,40 +458,94 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
             return torch.where(fallback[:, None], query.pooled, embedding)
         return gated_sum(gate(query.pooled), self._concat_expert_outputs([own, shared]), available)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        interpolate_pos_encoding: bool = False,
         explanation_input_ids: torch.LongTensor | None = None,
         explanation_attention_mask: torch.Tensor | None = None,
-        return_loss: bool = False,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> EntityCLIPOutput | tuple:
         r"""
-        Score a batch of matching (image, text[, explanation]) rows and, with `return_loss=True`, compute
-        `L = VTC(CLIP) + beta * VTC(experts) + gamma * GI-ITM`.
+        Without `return_loss`: CLIP. Scores N images against M texts exactly as `CLIPModel.forward` does
+        (`logits_per_image` [N, M]); explanations are accepted and not used, since the paper's retrieval uses the
+        CLIP embeddings alone.
+
+        With `return_loss=True`: EntityCLIP's training forward on a paired batch (row i of the texts describes image
+        i), `L = VTC(CLIP) + beta * VTC(experts) + gamma * GI-ITM`. ITM negatives are mined inside the batch: drawn
+        from the softmax of the similarity in training mode (ALBEF), the hardest ones in eval mode, so that evaluation
+        is deterministic.
 
         Args:
-            input_ids, attention_mask: the entity-centric texts (row i describes image i).
+            input_ids, attention_mask, position_ids: the entity-centric texts.
             pixel_values: the images.
+            return_loss: compute the losses (paired batch).
             explanation_input_ids, explanation_attention_mask: the LLM explanation of each text. A row whose
                 attention mask is all zeros has no explanation: its shared experts are gated out.
-            return_loss: compute the losses (and mine ITM negatives inside the batch).
+            output_attentions, output_hidden_states (in `kwargs`): passed to CLIP's towers, returned in
+                `text_model_output` / `vision_model_output`.
         """
         if input_ids is None or pixel_values is None:
-            raise ValueError("EntityCLIPModel.forward needs both `input_ids` and `pixel_values`.")
-        if input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError(
-                f"{pixel_values.shape[0]} images but {input_ids.shape[0]} texts: row i of each must be a matching pair."
+                "EntityCLIPModel.forward needs both `input_ids` and `pixel_values` (as CLIPModel.forward); for one "
+                "modality use get_text_features / get_image_features."
             )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        check_model_inputs(
+            self.config,
+            input_ids,
+            attention_mask,
+            pixel_values,
+            explanation_input_ids,
+            explanation_attention_mask,
+            paired=bool(return_loss),
+        )
+        kwargs = self._with_config_output_flags(kwargs)
+        if return_loss:
+            return self._paired_forward(
+                input_ids,
+                pixel_values,
+                attention_mask,
+                position_ids,
+                explanation_input_ids,
+                explanation_attention_mask,
+                interpolate_pos_encoding,
+                compute_losses=True,
+                **kwargs,
+            )
+        clip_output = self.clip(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
+            **kwargs,
+        )
+        return EntityCLIPOutput(**{key: value for key, value in clip_output.items() if key != "loss"})
+
+    def _paired_forward(
+        self,
+        input_ids,
+        pixel_values,
+        attention_mask,
+        position_ids,
+        explanation_input_ids,
+        explanation_attention_mask,
+        interpolate_pos_encoding,
+        compute_losses: bool,
+        **kwargs,
+    ) -> EntityCLIPOutput:
+        """Experts, gates and GI-ITM on a paired batch; the losses (and mined negatives) when `compute_losses`."""
         batch_size = input_ids.shape[0]
         config = self.config
 
-        image = self._image_token_features(pixel_values)
-        text = self._text_token_features(input_ids, attention_mask)
+        image, vision_outputs = self._image_token_features(pixel_values, interpolate_pos_encoding, **kwargs)
+        text, text_outputs = self._text_token_features(input_ids, attention_mask, position_ids, **kwargs)
         explanation, has_explanation = self._explanation_token_features(
             explanation_input_ids, explanation_attention_mask, batch_size
         )
@@ -462,8 +558,8 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
         # Each distinct expert input is computed once per step: vision experts once per image, text experts and
         # text-side shared experts once per text, explanation keys/values once per explanation. Only the image-side
         # shared experts also run on the (image, other explanation) combinations of the ITM negatives.
-        vision_outputs = self._run_experts(self.vision_experts, image, image)
-        text_outputs = self._run_experts(self.text_experts, text, text)
+        vision_expert_outputs = self._run_experts(self.vision_experts, image, image)
+        text_expert_outputs = self._run_experts(self.text_experts, text, text)
         shared_keys = (
             self.shared_experts.keys_values(explanation.tokens, explanation.key_mask)
             if self.shared_experts is not None
@@ -474,11 +570,14 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
         )
 
         arange = torch.arange(batch_size, device=input_ids.device)
-        mine_negatives = return_loss and config.gamma > 0 and batch_size >= 2
-        if mine_negatives:
-            local_similarity = logits_per_image.detach()
-            negative_text_rows = sample_negatives(local_similarity, hard=config.use_hard_negatives)
-            negative_image_rows = sample_negatives(local_similarity.t(), hard=config.use_hard_negatives)
+        if compute_losses and config.gamma > 0 and batch_size >= 2:
+            similarity = logits_per_image.detach()
+            if self.training:
+                negative_text_rows = sample_negatives(similarity, hard=config.use_hard_negatives)
+                negative_image_rows = sample_negatives(similarity.t(), hard=config.use_hard_negatives)
+            else:
+                negative_text_rows = hardest_negatives(similarity)
+                negative_image_rows = hardest_negatives(similarity.t())
             # Pairs: positives, (image i, negative text + its explanation), (negative image, text i + explanation i).
             image_rows = torch.cat([arange, arange, negative_image_rows])
             text_rows = torch.cat([arange, negative_text_rows, arange])
@@ -493,19 +592,21 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
         positive_shared_image = shared_image_outputs[:batch_size] if shared_image_outputs is not None else None
         expert_image_embeds = F.normalize(
             self._gated_embedding(
-                self.image_gate, image, vision_outputs, positive_shared_image, has_explanation
+                self.image_gate, image, vision_expert_outputs, positive_shared_image, has_explanation
             ).float(),
             dim=-1,
         )
         expert_text_embeds = F.normalize(
-            self._gated_embedding(self.text_gate, text, text_outputs, shared_text_outputs, has_explanation).float(),
+            self._gated_embedding(
+                self.text_gate, text, text_expert_outputs, shared_text_outputs, has_explanation
+            ).float(),
             dim=-1,
         )
         itm_logits = self._itm_logits(
             image,
             text,
-            vision_outputs,
-            text_outputs,
+            vision_expert_outputs,
+            text_expert_outputs,
             shared_text_outputs,
             shared_image_outputs,
             image_rows,
@@ -516,28 +617,29 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
         itm_labels[:batch_size] = ITM_MATCH
 
         loss = clip_loss = expert_loss = matching_loss = None
-        if return_loss:
+        if compute_losses:
             clip_loss, _ = contrastive_loss(image_embeds, text_embeds, logit_scale)
             expert_loss, _ = contrastive_loss(expert_image_embeds, expert_text_embeds, logit_scale)
             matching_loss = itm_loss(itm_logits, itm_labels)
             loss = clip_loss + config.beta * expert_loss + config.gamma * matching_loss
 
-        output = EntityCLIPOutput(
+        return EntityCLIPOutput(
             loss=loss,
-            contrastive_loss=clip_loss,
-            expert_contrastive_loss=expert_loss,
-            itm_loss=matching_loss,
             logits_per_image=logits_per_image,
             # contiguous: an aliased output trips torch.compile's AOTAutograd cache (torch 2.13); B x B is cheap.
             logits_per_text=logits_per_image.t().contiguous(),
-            image_embeds=image_embeds,
             text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
+            contrastive_loss=clip_loss,
+            expert_contrastive_loss=expert_loss,
+            itm_loss=matching_loss,
             expert_image_embeds=expert_image_embeds,
             expert_text_embeds=expert_text_embeds,
             itm_logits=itm_logits,
             itm_labels=itm_labels,
         )
-        return output if return_dict else output.to_tuple()
 
     def match_probability(
         self,
@@ -546,20 +648,50 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         explanation_input_ids: torch.LongTensor | None = None,
         explanation_attention_mask: torch.Tensor | None = None,
+        **kwargs,
     ) -> torch.Tensor:
         """GI-ITM probability [N] that image i and text i (with its optional explanation) match: a reranking score."""
-        output = self.forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            explanation_input_ids=explanation_input_ids,
-            explanation_attention_mask=explanation_attention_mask,
-            return_loss=False,
-            return_dict=True,
+        check_model_inputs(
+            self.config,
+            input_ids,
+            attention_mask,
+            pixel_values,
+            explanation_input_ids,
+            explanation_attention_mask,
+            paired=True,
+        )
+        if pixel_values.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"match_probability scores pairs (image i, text i): got {pixel_values.shape[0]} images and "
+                f"{input_ids.shape[0]} texts."
+            )
+        output = self._paired_forward(
+            input_ids,
+            pixel_values,
+            attention_mask,
+            None,
+            explanation_input_ids,
+            explanation_attention_mask,
+            False,
+            compute_losses=False,
         )
         return output.itm_logits.float().softmax(dim=-1)[:, ITM_MATCH]
 
-    # ------------------------------------------------------------------ loading
+    # ------------------------------------------------------------------ loading and export
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load an EntityCLIP checkpoint; given a plain CLIP checkpoint, start EntityCLIP from it (`from_clip_pretrained`)."""
+        if pretrained_model_name_or_path is not None and kwargs.get("config") is None and not model_args:
+            hub_kwargs = {
+                key: kwargs[key]
+                for key in ("cache_dir", "local_files_only", "revision", "token", "subfolder", "force_download")
+                if key in kwargs
+            }
+            config_dict = _read_config_dict(pretrained_model_name_or_path, hub_kwargs)
+            if config_dict.get("model_type") == "clip":
+                return cls.from_clip_pretrained(pretrained_model_name_or_path, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
     @classmethod
     def from_clip_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, output_loading_info: bool = False, **kwargs
@@ -577,7 +709,7 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
             for key in ("cache_dir", "local_files_only", "revision", "token", "subfolder", "force_download")
             if key in kwargs
         }
-        config_dict, _ = CLIPConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+        config_dict = _read_config_dict(pretrained_model_name_or_path, hub_kwargs)
         if config_dict.get("model_type") != "clip":
             raise ValueError(
                 f"{pretrained_model_name_or_path} holds a {config_dict.get('model_type')!r} model, not a CLIP "
@@ -585,7 +717,7 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
             )
         clip_config = CLIPConfig.from_dict(config_dict)
         config = EntityCLIPConfig(clip_config=clip_config, **entity_kwargs)
-        model, loading_info = cls.from_pretrained(
+        model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, config=config, output_loading_info=True, **kwargs
         )
         new_weights = sorted(loading_info["missing_keys"])
@@ -602,5 +734,32 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
         )
         return (model, loading_info) if output_loading_info else model
 
+    def save_clip_pretrained(self, save_directory: str | os.PathLike, processor=None, **kwargs) -> None:
+        """Write the fine-tuned CLIP as a plain `CLIPModel` folder (and `CLIPProcessor` files, given a processor).
 
-__all__ = ["EntityCLIPModel", "EntityCLIPOutput", "EntityCLIPPreTrainedModel"]
+        `CLIPModel.from_pretrained(save_directory)` then gives exactly this model's `get_*_features` and CLIP
+        `forward`; pipelines, sentence-transformers and ONNX exporters take the folder as any CLIP. The experts, gates
+        and ITM head are training-time layers and are left out. `kwargs` go to `CLIPModel.save_pretrained`
+        (`safe_serialization`, `max_shard_size`, `push_to_hub`, ...).
+        """
+        self.clip.save_pretrained(save_directory, **kwargs)
+        if processor is not None:
+            CLIPProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer).save_pretrained(
+                save_directory
+            )
+
+
+def _read_config_dict(pretrained_model_name_or_path, hub_kwargs: dict) -> dict:
+    """The checkpoint's config.json as a dict (CLIP's or ours), with errors that name the folder and file."""
+    if os.path.isdir(pretrained_model_name_or_path) or not os.path.exists(pretrained_model_name_or_path):
+        local = os.path.join(os.fspath(pretrained_model_name_or_path), hub_kwargs.get("subfolder", ""))
+        looks_local = os.path.isabs(os.fspath(pretrained_model_name_or_path)) or os.fspath(
+            pretrained_model_name_or_path
+        ).startswith((".", "~"))
+        if looks_local and not os.path.isdir(local):
+            raise OSError(f"model folder not found: '{pretrained_model_name_or_path}'")
+    config_dict, _ = CLIPConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+    return config_dict
+
+
+__all__ = ["EntityCLIPModel", "EntityCLIPOutput", "EntityCLIPPreTrainedModel", "check_model_inputs"]

@@ -335,7 +335,8 @@ def _text_features(model, inputs) -> torch.Tensor:
 
 
 def _pooled(features) -> torch.Tensor:
-    # EntityCLIPModel returns the embedding; transformers v5's CLIPModel returns an output whose pooler_output it is.
+    # transformers v5 (CLIPModel and EntityCLIPModel) returns an output whose pooler_output is the embedding; a plain
+    # tensor is accepted for models written against the v4 contract.
     return features if isinstance(features, torch.Tensor) else features.pooler_output
 
 

@@ -135,6 +135,7 @@ def test_push_uploads_everything_in_one_commit(model, tiny_processor, hub):
     assert config["auto_map"] == {
         "AutoConfig": "configuration_entityclip.EntityCLIPConfig",
         "AutoModel": "modeling_entityclip.EntityCLIPModel",
+        "AutoModelForZeroShotImageClassification": "modeling_entityclip.EntityCLIPModel",
     }
     assert hub.json("processor_config.json")["auto_map"] == {
         "AutoProcessor": "processing_entityclip.EntityCLIPProcessor"
@@ -183,7 +184,7 @@ FRESH_PROCESS = textwrap.dedent(
     assert type(processor).__name__ == "EntityCLIPProcessor", type(processor)
     inputs = processor(text=["Merkel meets Macron in Aachen."], return_tensors="pt")
     with torch.no_grad():
-        print(model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).tolist())
+        print(model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output.tolist())
     """
 )
 
@@ -200,7 +201,7 @@ def test_uploaded_files_load_without_the_package(model, tiny_processor, hub, tmp
     assert run.returncode == 0, run.stderr[-3000:]
     inputs = tiny_processor(text=["Merkel meets Macron in Aachen."], return_tensors="pt")
     with torch.no_grad():
-        expected = model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
+        expected = model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output
     torch.testing.assert_close(
         torch.tensor(json.loads(run.stdout.strip().splitlines()[-1])), expected, rtol=1e-5, atol=1e-6
     )

@@ -52,21 +52,60 @@ def make_batch(tokenizer, config, texts=TEXTS, explanations=EXPLANATIONS, seed=0
     return batch
 
 
-def test_forward_without_loss_shapes(model, config, tiny_tokenizer):
+def test_forward_without_loss_is_clip(model, config, tiny_tokenizer):
+    """Without return_loss the forward is CLIPModel's: CLIP fields only, N images x M texts."""
     batch = make_batch(tiny_tokenizer, config)
     with torch.no_grad():
         out = model(**batch)
     dim = config.projection_dim
-    assert out.loss is None and out.itm_loss is None
+    assert out.loss is None and out.itm_loss is None and out.itm_logits is None and out.expert_image_embeds is None
     assert out.logits_per_image.shape == (4, 4)
     torch.testing.assert_close(out.logits_per_text, out.logits_per_image.t())
+    for name in ("image_embeds", "text_embeds"):
+        embeds = getattr(out, name)
+        assert embeds.shape == (4, dim)
+        torch.testing.assert_close(embeds.norm(dim=-1), torch.ones(4))
+
+
+def test_forward_scores_n_images_against_m_texts_like_clipmodel(model, config, tiny_tokenizer):
+    clip = CLIPModel(config.clip_config).eval()
+    clip.load_state_dict(model.clip.state_dict())
+    batch = make_batch(tiny_tokenizer, config)
+    images, texts = batch["pixel_values"][:3], {k: batch[k][:2] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        ours = model(pixel_values=images, **texts)
+        theirs = clip(pixel_values=images, **texts)
+    assert ours.logits_per_image.shape == (3, 2) and ours.logits_per_text.shape == (2, 3)
+    for name in ("logits_per_image", "logits_per_text", "text_embeds", "image_embeds"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=0, atol=0)
+
+
+def test_paired_forward_shapes(model, config, tiny_tokenizer):
+    batch = make_batch(tiny_tokenizer, config)
+    with torch.no_grad():
+        out = model(**batch, return_loss=True)
+    dim = config.projection_dim
     for name in ("image_embeds", "text_embeds", "expert_image_embeds", "expert_text_embeds"):
         embeds = getattr(out, name)
         assert embeds.shape == (4, dim)
         torch.testing.assert_close(embeds.norm(dim=-1), torch.ones(4))
-    # Without a loss only the positive pairs are scored.
-    assert out.itm_logits.shape == (4, 2)
-    assert out.itm_labels.tolist() == [0, 0, 0, 0]
+
+
+def test_eval_mode_paired_forward_is_deterministic_and_uses_the_hardest_negatives(model, config, tiny_tokenizer):
+    from entityclip_hf.losses import hardest_negatives
+
+    batch = make_batch(tiny_tokenizer, config)
+    with torch.no_grad():
+        first, second = model(**batch, return_loss=True), model(**batch, return_loss=True)
+    torch.testing.assert_close(first.loss, second.loss, rtol=0, atol=0)
+    torch.testing.assert_close(first.itm_logits, second.itm_logits, rtol=0, atol=0)
+    # The negative-text pairs are (image i, its most similar other text): their scores equal a pairing by hand.
+    negative_texts = hardest_negatives(first.logits_per_image)
+    pairs = {k: batch[k] for k in ("pixel_values",)}
+    texts = {k: batch[k][negative_texts] for k in batch if k != "pixel_values"}
+    with torch.no_grad():
+        by_hand = model.match_probability(**pairs, **texts)
+    torch.testing.assert_close(first.itm_logits[4:8].softmax(-1)[:, 0], by_hand, rtol=1e-5, atol=1e-6)
 
 
 def test_forward_with_loss_combines_the_three_terms(model, config, tiny_tokenizer):
@@ -136,15 +175,15 @@ def test_explanations_change_experts_and_itm_but_not_clip_features(model, config
     batch = make_batch(tiny_tokenizer, config)
     other = make_batch(tiny_tokenizer, config, explanations=list(reversed(EXPLANATIONS)))
     with torch.no_grad():
-        out, out_other = model(**batch), model(**other)
+        out, out_other = model(**batch, return_loss=True), model(**other, return_loss=True)
     assert not torch.allclose(out.expert_image_embeds, out_other.expert_image_embeds)
     assert not torch.allclose(out.expert_text_embeds, out_other.expert_text_embeds)
     assert not torch.allclose(out.itm_logits, out_other.itm_logits)
     torch.testing.assert_close(out.image_embeds, out_other.image_embeds, rtol=0, atol=0)
     torch.testing.assert_close(out.text_embeds, out_other.text_embeds, rtol=0, atol=0)
     with torch.no_grad():
-        image_features = model.get_image_features(batch["pixel_values"])
-        text_features = model.get_text_features(batch["input_ids"], batch["attention_mask"])
+        image_features = model.get_image_features(batch["pixel_values"]).pooler_output
+        text_features = model.get_text_features(batch["input_ids"], batch["attention_mask"]).pooler_output
     torch.testing.assert_close(F.normalize(image_features, dim=-1), out.image_embeds)
     torch.testing.assert_close(F.normalize(text_features, dim=-1), out.text_embeds)
 
@@ -155,13 +194,13 @@ def test_features_equal_plain_clip_on_the_same_weights(model, config, tiny_token
     batch = make_batch(tiny_tokenizer, config)
     with torch.no_grad():
         torch.testing.assert_close(
-            model.get_image_features(batch["pixel_values"]),
+            model.get_image_features(batch["pixel_values"]).pooler_output,
             clip.get_image_features(pixel_values=batch["pixel_values"]).pooler_output,
             rtol=0,
             atol=0,
         )
         torch.testing.assert_close(
-            model.get_text_features(batch["input_ids"], batch["attention_mask"]),
+            model.get_text_features(batch["input_ids"], batch["attention_mask"]).pooler_output,
             clip.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output,
             rtol=0,
             atol=0,
@@ -173,7 +212,7 @@ def test_padding_does_not_change_results(model, config, tiny_tokenizer):
     full = make_batch(tiny_tokenizer, config, padding="max_length", max_length=77)
     assert dynamic["input_ids"].shape[1] < 30 and full["input_ids"].shape[1] == 77
     with torch.no_grad():
-        out_dynamic, out_full = model(**dynamic), model(**full)
+        out_dynamic, out_full = model(**dynamic, return_loss=True), model(**full, return_loss=True)
     for name in ("text_embeds", "expert_image_embeds", "expert_text_embeds", "itm_logits"):
         torch.testing.assert_close(getattr(out_dynamic, name), getattr(out_full, name), rtol=1e-5, atol=1e-5)
 
@@ -185,7 +224,7 @@ def test_short_sample_padded_to_10_or_40_tokens(model, config, tiny_tokenizer):
         batch = make_batch(tiny_tokenizer, config, texts, explanations, padding="max_length", max_length=length)
         assert batch["input_ids"].shape[1] == length and batch["attention_mask"][:, -1].sum() == 0
         with torch.no_grad():
-            outputs.append(model(**batch))
+            outputs.append(model(**batch, return_loss=True))
     for name in ("expert_image_embeds", "expert_text_embeds", "itm_logits"):
         torch.testing.assert_close(getattr(outputs[0], name), getattr(outputs[1], name), rtol=1e-5, atol=1e-5)
 
@@ -198,7 +237,7 @@ def test_a_sample_is_unaffected_by_its_batch_mates_padding(model, config, tiny_t
     alone = make_batch(tiny_tokenizer, config, texts=texts[:1], explanations=explanations[:1])
     alone["pixel_values"] = pair["pixel_values"][:1]
     with torch.no_grad():
-        out_pair, out_alone = model(**pair), model(**alone)
+        out_pair, out_alone = model(**pair, return_loss=True), model(**alone, return_loss=True)
     for name in ("expert_image_embeds", "expert_text_embeds", "itm_logits"):
         torch.testing.assert_close(getattr(out_pair, name)[:1], getattr(out_alone, name), rtol=1e-5, atol=1e-5)
 
@@ -220,7 +259,7 @@ def test_a_missing_explanation_is_gated_out(model, config, tiny_tokenizer):
     garbage["explanation_input_ids"] = with_none["explanation_input_ids"].clone()
     garbage["explanation_input_ids"][0, 1:5] = 7
     with torch.no_grad():
-        a, b = model(**with_none), model(**garbage)
+        a, b = model(**with_none, return_loss=True), model(**garbage, return_loss=True)
     torch.testing.assert_close(a.expert_image_embeds, b.expert_image_embeds, rtol=0, atol=0)
     torch.testing.assert_close(a.itm_logits, b.itm_logits, rtol=0, atol=0)
 
@@ -302,7 +341,7 @@ def test_sdpa_is_the_default_and_matches_eager(tiny_clip_config, tiny_tokenizer)
     assert eager_model.clip.text_model.config._attn_implementation == "eager"
     batch = make_batch(tiny_tokenizer, sdpa_config)
     with torch.no_grad():
-        a, b = sdpa_model(**batch), eager_model(**batch)
+        a, b = sdpa_model(**batch, return_loss=True), eager_model(**batch, return_loss=True)
     torch.testing.assert_close(a.expert_text_embeds, b.expert_text_embeds, rtol=1e-4, atol=1e-5)
 
 
@@ -321,7 +360,7 @@ def test_match_probability_scores_each_pair(model, config, tiny_tokenizer):
     batch = make_batch(tiny_tokenizer, config)
     with torch.no_grad():
         probability = model.match_probability(**batch)
-        logits = model(**batch).itm_logits
+        logits = model(**batch, return_loss=True).itm_logits[:4]  # the positive pairs come first
     assert probability.shape == (4,)
     assert ((probability > 0) & (probability < 1)).all()
     torch.testing.assert_close(probability, logits.softmax(-1)[:, 0])
@@ -330,13 +369,15 @@ def test_match_probability_scores_each_pair(model, config, tiny_tokenizer):
 def test_forward_rejects_mismatched_batches(model, config, tiny_tokenizer):
     batch = make_batch(tiny_tokenizer, config)
     batch["pixel_values"] = batch["pixel_values"][:3]
-    with pytest.raises(ValueError, match="3 images but 4 texts"):
-        model(**batch)
+    with pytest.raises(ValueError, match="got 3 images and 4 texts"):
+        model(**batch, return_loss=True)
+    with pytest.raises(ValueError, match="got 3 images and 4 texts"):
+        model.match_probability(**batch)
     batch = make_batch(tiny_tokenizer, config)
     batch["explanation_input_ids"] = batch["explanation_input_ids"][:2]
     batch["explanation_attention_mask"] = batch["explanation_attention_mask"][:2]
-    with pytest.raises(ValueError, match="explanation_input_ids has 2 rows"):
-        model(**batch)
+    with pytest.raises(ValueError, match="`explanation_input_ids` has 2 rows"):
+        model(**batch, return_loss=True)
 
 
 def _reference_expert(bank, expert, query_sequence, key_sequence, key_mask, position):

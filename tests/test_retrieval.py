@@ -57,13 +57,13 @@ def image_files(tmp_path):
 def reference_image_embeds(model, processor, images):
     with torch.no_grad():
         pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
-        return F.normalize(model.get_image_features(pixel_values), dim=-1)
+        return F.normalize(model.get_image_features(pixel_values).pooler_output, dim=-1)
 
 
 def reference_text_embeds(model, processor, texts):
     with torch.no_grad():
         encoded = processor(text=texts, return_tensors="pt")
-        return F.normalize(model.get_text_features(encoded["input_ids"], encoded["attention_mask"]), dim=-1)
+        return F.normalize(model.get_text_features(encoded["input_ids"], encoded["attention_mask"]).pooler_output, dim=-1)
 
 
 # ------------------------------------------------------------------------------------------------ encoding

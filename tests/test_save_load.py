@@ -25,7 +25,7 @@ def model(tiny_clip_config):
 
 def outputs_of(model, batch):
     with torch.no_grad():
-        out = model(**batch)
+        out = model(**batch, return_loss=True)  # eval mode: deterministic negatives, every output present
     return {name: getattr(out, name) for name in OUTPUT_NAMES}
 
 
@@ -40,12 +40,13 @@ def test_save_pretrained_writes_safetensors_auto_map_and_code(model, tmp_path):
     assert "model.safetensors" in files
     assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in files)
     # The code files that trust_remote_code users need, found through the relative imports.
-    assert {"configuration_entityclip.py", "modeling_entityclip.py", "losses.py"} <= files
+    assert {"configuration_entityclip.py", "modeling_entityclip.py", "modeling_experts.py", "losses.py"} <= files
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "entityclip"
     assert config["auto_map"] == {
         "AutoConfig": "configuration_entityclip.EntityCLIPConfig",
         "AutoModel": "modeling_entityclip.EntityCLIPModel",
+        "AutoModelForZeroShotImageClassification": "modeling_entityclip.EntityCLIPModel",
     }
 
 
@@ -90,8 +91,8 @@ FRESH_PROCESS = textwrap.dedent(
     texts = {"input_ids": batch["input_ids"]}
     encoded = processor(text=["Merkel meets Macron in Aachen."], explanations=[None], return_tensors="pt")
     with torch.no_grad():
-        out = model(**batch)
-        features = model.get_text_features(encoded["input_ids"], encoded["attention_mask"])
+        out = model(**batch, return_loss=True)
+        features = model.get_text_features(encoded["input_ids"], encoded["attention_mask"]).pooler_output
     result = {name: getattr(out, name).contiguous() for name in sys.argv[4].split(",")}
     result["processed_input_ids"] = encoded["input_ids"]
     result["processed_features"] = features
@@ -130,7 +131,7 @@ def test_fresh_process_without_the_package_loads_with_trust_remote_code(
     encoded = tiny_processor(text=["Merkel meets Macron in Aachen."], explanations=[None], return_tensors="pt")
     torch.testing.assert_close(fresh["processed_input_ids"], encoded["input_ids"], rtol=0, atol=0)
     with torch.no_grad():
-        features = model.get_text_features(encoded["input_ids"], encoded["attention_mask"])
+        features = model.get_text_features(encoded["input_ids"], encoded["attention_mask"]).pooler_output
     # Another process may split a 1-row matmul across threads differently: equal up to float rounding.
     torch.testing.assert_close(fresh["processed_features"], features, rtol=1e-5, atol=1e-6)
 
@@ -167,7 +168,7 @@ def test_from_clip_pretrained_returns_a_model_whose_features_equal_clip(clip_che
     batch = make_batch(tiny_tokenizer, model.config)
     with torch.no_grad():
         torch.testing.assert_close(
-            model.get_image_features(batch["pixel_values"]),
+            model.get_image_features(batch["pixel_values"]).pooler_output,
             clip.eval().get_image_features(pixel_values=batch["pixel_values"]).pooler_output,
             rtol=0,
             atol=0,
