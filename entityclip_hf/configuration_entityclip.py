@@ -37,6 +37,25 @@ class EntityCLIPConfig(PreTrainedConfig):
             Standard deviation for the gates and the ITM head.
         layer_norm_eps (`float`, defaults to 1e-5):
             Epsilon of the experts' layer norms.
+
+    Variants that carry explanations into what retrieval uses (opt-in; the defaults are the paper's; measured
+    effect and cost in `bench/README.md`):
+
+        explanation_contrastive_weight (`float`, defaults to 0.0):
+            Weight of an extra contrastive loss between the CLIP image embedding and the explanation-aware text
+            embedding `normalize((1 - w) t + w e)` (`w` = `explanation_fusion_weight`, `e` the explanation's CLIP
+            embedding; a text without explanation keeps `t`): it trains what explanation-aware retrieval
+            (`entityclip_hf.retrieval.fuse_explanation_embeddings`) scores. No extra encoder pass.
+        explanation_fusion_weight (`float`, defaults to 0.5):
+            The `w` of that training term, in [0, 1].
+        expert_loss_reads_candidate_explanation (`bool`, defaults to `False`):
+            Leak-free expert contrastive loss: the image side's shared experts read the CANDIDATE text's
+            explanation for every (image, text) pair of the batch (one read-out token per pair), so an image's
+            expert embedding cannot be matched to its text by reading the same explanation on both sides.
+        itm_cross_attention (`bool`, defaults to `False`):
+            GI-ITM learns image-text interaction: the text's end-of-text token (plus its explanation's) attends to
+            every image token in a cross-attention block (as BLIP's ITM), whose output is added to the gated expert
+            fusion before `itm_head`.
     """
 
     model_type = "entityclip"
@@ -56,6 +75,7 @@ class EntityCLIPConfig(PreTrainedConfig):
         "expert_text_embeds",
         "itm_logits",
         "itm_labels",
+        "explanation_contrastive_loss",
     ]
 
     clip_config: dict | CLIPConfig | None = None
@@ -70,6 +90,10 @@ class EntityCLIPConfig(PreTrainedConfig):
     logit_scale_max: float = math.log(100.0)
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-5
+    explanation_contrastive_weight: float = 0.0
+    explanation_fusion_weight: float = 0.5
+    expert_loss_reads_candidate_explanation: bool = False
+    itm_cross_attention: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -137,10 +161,16 @@ class EntityCLIPConfig(PreTrainedConfig):
             )
         if not self.expert_mlp_ratio > 0 or int(self.projection_dim * self.expert_mlp_ratio) < 1:
             raise ValueError(f"`expert_mlp_ratio` must be positive, got {self.expert_mlp_ratio!r}.")
-        for name in ("beta", "gamma"):
+        for name in ("beta", "gamma", "explanation_contrastive_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"`{name}` (a loss weight) must be a finite number >= 0, got {value!r}.")
+        weight = self.explanation_fusion_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+            raise ValueError(f"`explanation_fusion_weight` must be a number in [0, 1], got {weight!r}.")
+        for name in ("expert_loss_reads_candidate_explanation", "itm_cross_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
         if not math.isfinite(self.logit_scale_max) or self.logit_scale_max <= 0:
             raise ValueError(f"`logit_scale_max` must be a positive finite number, got {self.logit_scale_max!r}.")
         if not self.initializer_range > 0:

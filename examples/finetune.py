@@ -43,6 +43,11 @@ from entityclip_hf.processing_entityclip import EntityCLIPProcessor
 from entityclip_hf.tiny_models import tiny_clip_config, tiny_image_processor, train_bpe_tokenizer
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "explanation_input_ids", "explanation_attention_mask")
+# Flags that are EntityCLIPConfig fields: given, they override the model's (None: the model's own value).
+MODEL_FIELDS = (
+    "beta", "gamma", "explanation_contrastive_weight", "explanation_fusion_weight",
+    "expert_loss_reads_candidate_explanation", "itm_cross_attention",
+)  # fmt: skip
 LOSS_NAMES = ("loss", "contrastive_loss", "expert_contrastive_loss", "itm_loss")
 STATE_FILE = "trainer_state.json"
 TRACKER_PROJECT = "entityclip"  # accelerator.init_trackers' project: TensorBoard writes to <output_dir>/entityclip
@@ -68,6 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="'tiny' (from scratch), a CLIP checkpoint, or an EntityCLIP one")
     p.add_argument("--beta", type=float, help="weight of the expert contrastive loss (default: the model's, 0.1)")
     p.add_argument("--gamma", type=float, help="weight of the GI-ITM loss (default: the model's, 0.1)")
+    # opt-in variants (EntityCLIPConfig fields; default: the model's, i.e. the paper's behaviour)
+    p.add_argument(
+        "--explanation_contrastive_weight", type=float,
+        help="variant: weight of a contrastive loss between images and explanation-aware texts (paper: 0)",
+    )  # fmt: skip
+    p.add_argument("--explanation_fusion_weight", type=float, help="variant: the explanation's weight in that text")
+    p.add_argument(
+        "--expert_loss_reads_candidate_explanation", type=str2bool, nargs="?", const=True,
+        help="variant: leak-free expert loss, the image side reads each candidate text's explanation (paper: false)",
+    )  # fmt: skip
+    p.add_argument(
+        "--itm_cross_attention", type=str2bool, nargs="?", const=True,
+        help="variant: GI-ITM with a text-to-image cross-attention block (paper: false)",
+    )  # fmt: skip
     p.add_argument("--tiny_hidden_size", type=int, default=64, help="--model tiny: width of both towers")
     p.add_argument("--tiny_num_layers", type=int, default=2, help="--model tiny: layers of both towers")
     p.add_argument("--tiny_image_size", type=int, default=32, help="--model tiny: image side in pixels")
@@ -159,7 +178,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------- model & data
 def build_model_and_processor(args, train_texts):
     """The model to fine-tune and its processor, from --model (tiny | CLIP checkpoint | EntityCLIP checkpoint)."""
-    heads = {key: getattr(args, key) for key in ("beta", "gamma") if getattr(args, key) is not None}
+    heads = {key: getattr(args, key) for key in MODEL_FIELDS if getattr(args, key) is not None}
     if args.model == "tiny":
         # A tokenizer trained on the training texts: a tiny model learns faster from a vocabulary of its own domain.
         tokenizer = train_bpe_tokenizer(train_texts, vocab_size=args.tiny_vocab_size)
