@@ -52,7 +52,12 @@ CONDITIONS = {
 WEIGHTS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)  # explanation weights tried on validation
 RERANK_TOP_K = 10
 # The arms of the benchmark: ablate.py's presets, then the variants (flags of finetune.py).
-BENCH_ARMS = {name: ARM_FLAGS[name] for name in ("plain", "entityclip", "no_explanations")}
+BENCH_ARMS = {
+    name: ARM_FLAGS[name]
+    for name in (
+        "plain", "entityclip", "no_explanations", "explanation_loss", "leak_free_experts", "cross_itm", "all_variants"
+    )
+}  # fmt: skip
 # Stage 2's recipe, the same for every arm (chosen on the seen validation split with the plain arm).
 FINETUNE_ARGS = [
     "--dataset", "jsonl", "--check_images", "none", "--test_split", "",

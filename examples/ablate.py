@@ -26,6 +26,14 @@ ARM_FLAGS: dict[str, list[str]] = {
     "plain": ["--beta", "0", "--gamma", "0"],  # plain CLIP fine-tuning: only CLIP's contrastive loss
     "entityclip": [],  # the paper: + 0.1 x expert contrastive loss + 0.1 x GI-ITM loss
     "no_explanations": ["--use_explanations", "false"],  # EntityCLIP's losses, every explanation removed
+    # The opt-in variants (EntityCLIPConfig fields), each on top of the paper's losses:
+    "explanation_loss": ["--explanation_contrastive_weight", "1.0"],  # + images vs explanation-aware texts
+    "leak_free_experts": ["--expert_loss_reads_candidate_explanation", "true"],  # expert loss, candidates' expl.
+    "cross_itm": ["--itm_cross_attention", "true"],  # GI-ITM with text-to-image cross-attention
+    "all_variants": [
+        "--explanation_contrastive_weight", "1.0", "--expert_loss_reads_candidate_explanation", "true",
+        "--itm_cross_attention", "true",
+    ],  # fmt: skip
 }
 DEFAULT_METRICS = ("i2t_R@1", "t2i_R@1", "R@1", "rsum")
 
