@@ -30,7 +30,7 @@ INFO_FILE = "stage1_info.json"
 class Stage1Spec:
     num_scenes: int = 16000
     num_held_out: int = 500
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 128
     learning_rate: float = 1e-3
     weight_decay: float = 0.1

@@ -48,7 +48,8 @@ def summarize_arms(results: Mapping[str, Mapping], metrics: Sequence[str], basel
                 continue
             mean, std = mean_std(values)
             entry = {"mean": mean, "std": std, "n": len(values)}
-            if baseline is not None and arm != baseline and baseline in results:
+            baseline_has_it = baseline in results and all(metric in row for row in results[baseline].values())
+            if baseline is not None and arm != baseline and baseline_has_it:
                 diffs = paired_differences(by_seed, results[baseline], metric)
                 diff_mean, diff_std = mean_std(diffs)
                 entry.update(
