@@ -1098,8 +1098,9 @@ def _parser():
     )  # fmt: skip
     search.add_argument(
         "--rerank", type=int, default=0,
-        help="rerank the first N hits with GI-ITM (EntityCLIP). With the paper's GI-ITM this was measured to LOWER "
-        "R@1 against the CLIP order (bench/README.md, efficacy): keep it for a model trained with itm_cross_attention",
+        help="rerank the first N hits with GI-ITM (EntityCLIP). Measured to LOWER R@1 against the CLIP order with "
+        "the paper's GI-ITM and with every variant tried, itm_cross_attention included (bench/README.md, efficacy): "
+        "check it on your validation data first (entityclip-eval --rerank_top_k N)",
     )  # fmt: skip
     return parser
 

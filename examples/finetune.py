@@ -46,7 +46,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "explanation_inpu
 # Flags that are EntityCLIPConfig fields: given, they override the model's (None: the model's own value).
 MODEL_FIELDS = (
     "beta", "gamma", "explanation_contrastive_weight", "explanation_fusion_weight",
-    "expert_loss_reads_candidate_explanation", "itm_cross_attention",
+    "expert_loss_reads_candidate_explanation", "itm_cross_attention", "use_hard_negatives",
 )  # fmt: skip
 LOSS_NAMES = ("loss", "contrastive_loss", "expert_contrastive_loss", "itm_loss")
 STATE_FILE = "trainer_state.json"
@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="variant: weight of a contrastive loss between images and explanation-aware texts (paper: 0)",
     )  # fmt: skip
     p.add_argument("--explanation_fusion_weight", type=float, help="variant: the explanation's weight in that text")
+    p.add_argument(
+        "--use_hard_negatives", type=str2bool, nargs="?", const=True,
+        help="GI-ITM negatives drawn from the in-batch similarity (paper: true) or uniformly (false)",
+    )  # fmt: skip
     p.add_argument(
         "--expert_loss_reads_candidate_explanation", type=str2bool, nargs="?", const=True,
         help="variant: leak-free expert loss, the image side reads each candidate text's explanation (paper: false)",
