@@ -37,6 +37,10 @@ class EntityCLIPConfig(PreTrainedConfig):
             Standard deviation for the gates and the ITM head.
         layer_norm_eps (`float`, defaults to 1e-5):
             Epsilon of the experts' layer norms.
+        explanation_encoder_gradient (`bool`, defaults to `True`):
+            Backpropagate through CLIP's text encoder on the explanation pass, as the paper does. `False` (opt-in,
+            cheaper) encodes explanations without a gradient: the experts still learn from the explanation tokens,
+            but the text encoder learns only from the texts, which saves that pass's backward and its activations.
 
     Variants that carry explanations into what retrieval uses (opt-in; the defaults are the paper's; measured
     effect and cost in `bench/README.md`):
@@ -94,6 +98,7 @@ class EntityCLIPConfig(PreTrainedConfig):
     explanation_fusion_weight: float = 0.5
     expert_loss_reads_candidate_explanation: bool = False
     itm_cross_attention: bool = False
+    explanation_encoder_gradient: bool = True
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -173,6 +178,10 @@ class EntityCLIPConfig(PreTrainedConfig):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
         if not math.isfinite(self.logit_scale_max) or self.logit_scale_max <= 0:
             raise ValueError(f"`logit_scale_max` must be a positive finite number, got {self.logit_scale_max!r}.")
+        if not isinstance(self.explanation_encoder_gradient, bool):
+            raise ValueError(
+                f"`explanation_encoder_gradient` must be True or False, got {self.explanation_encoder_gradient!r}."
+            )
         if not self.initializer_range > 0:
             raise ValueError(f"`initializer_range` must be positive, got {self.initializer_range!r}.")
 

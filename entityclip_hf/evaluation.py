@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .data.report import one_line
 from .metrics import retrieval_metrics
 from .retrieval import _atomic_write, encode_explanations, encode_images, encode_texts, fuse_explanation_embeddings
 
@@ -36,6 +37,7 @@ __all__ = [
     "load_split",
     "main",
     "run",
+    "small_gallery_warning",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,7 +77,16 @@ def load_model_and_processor(
 
     import entityclip_hf  # noqa: F401  (registers EntityCLIP with the Auto classes)
 
-    model = AutoModel.from_pretrained(model_path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    text = str(model_path)
+    # A Hub id is 'name' or 'user/name': anything else that does not exist is a missing folder.
+    looks_local = os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1
+    if looks_local and not os.path.exists(os.path.expanduser(text)):
+        # transformers would answer "Repo id must be in the form ...": say what is wrong instead.
+        raise FileNotFoundError(f"{model_path}: no such model folder (nor a Hub id: those are 'name' or 'user/name')")
+    try:
+        model = AutoModel.from_pretrained(model_path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    except OSError as error:  # no config.json, no weights, an id the Hub (or the offline cache) does not have
+        raise OSError(f"cannot load a model from {model_path}: {str(error).splitlines()[0]}") from error
     if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
         raise ValueError(
             f"{model_path} holds a {type(model).__name__}, which has no get_image_features/get_text_features: "
@@ -137,6 +148,22 @@ def evaluate_split(
     kept_rows = keep.nonzero().flatten().tolist()
     return EvaluationResult(
         metrics, num_pairs, skipped, time.time() - started, image_embeds[keep], text_embeds[keep], kept_rows
+    )
+
+
+def small_gallery_warning(num_pairs: int, min_gallery_size: int) -> str | None:
+    """Why R@K on a gallery of `num_pairs` items means little, or None when it has at least `min_gallery_size`.
+
+    A random ranking finds the positive in its first K of N items with probability min(K, N) / N: on 10 items R@1 is
+    already 10 by chance and R@10 is 100 by construction.
+    """
+    if num_pairs >= min_gallery_size:
+        return None
+    chance = ", ".join(f"R@{k} {100 * min(k, num_pairs) / num_pairs:.0f}" for k in _RECALL_KS)
+    return (
+        f"the gallery has only {num_pairs} pair(s), below --min-gallery-size {min_gallery_size}: R@K on "
+        f"{num_pairs} items is not meaningful (a random ranking scores {chance}; every R@K with K >= {num_pairs} "
+        f"is 100 by construction). Evaluate on a larger split."
     )
 
 
@@ -216,6 +243,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--rerank_top_k", "--rerank-top-k", type=int, default=0,
         help="also report R@K after GI-ITM (EntityCLIP) reranks each query's top K of the CLIP order",
     )  # fmt: skip
+    parser.add_argument(
+        "--min-gallery-size",
+        type=int,
+        default=100,
+        help="warn when the gallery has fewer pairs: R@K on a few items is mostly chance (default: 100)",
+    )
     parser.add_argument("--output", help="write the metrics (and what was skipped) to this JSON file")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow other architectures' Hub code")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -231,6 +264,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--explanation_weight must be in [0, 1]")
     if args.rerank_top_k < 0:
         parser.error("--rerank_top_k must be >= 0")
+    if args.min_gallery_size < 1:
+        parser.error("--min-gallery-size must be >= 1")
     return args
 
 
@@ -250,7 +285,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         data, data_report = load_split(
             args.dataset, args.root, args.split, args.max_samples, args.check_images, explanations=explanations
         )
-        model, processor = load_model_and_processor(args.model, device, args.trust_remote_code)
+        try:
+            model, processor = load_model_and_processor(args.model, device, args.trust_remote_code)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--model: {error}") from error
         result = evaluate_split(
             model,
             processor,
@@ -262,8 +300,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             explanation_weight=args.explanation_weight,
         )
         rerank = _rerank(model, processor, data, result, args.rerank_top_k) if args.rerank_top_k else None
-    except (ValueError, FileNotFoundError, TypeError) as error:
-        print(f"entityclip-eval: error: {error}", file=sys.stderr)
+    except (ValueError, OSError, TypeError) as error:  # a user error (a folder, a file, an argument): one line, exit 2
+        print(f"entityclip-eval: error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from error
 
     title = f"{args.model} on {args.dataset}/{args.split}: {result.num_pairs} pairs, {result.seconds:.1f} s on {device}"
@@ -277,6 +315,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     excluded = sum(split.rows_excluded for split in data_report.splits.values())
     if excluded:
         print(f"the loader left out {excluded} row(s) of the split (missing or unreadable image, empty text, ...)")
+    warnings = [warning for warning in (small_gallery_warning(result.num_pairs, args.min_gallery_size),) if warning]
+    for warning in warnings:
+        # Under the table, on stderr: seen even when stdout goes to a file.
+        print(f"entityclip-eval: warning: {warning}", file=sys.stderr)
     report = {
         "model": str(args.model),
         "dataset": args.dataset,
@@ -290,6 +332,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "device": str(device),
         "metrics": result.metrics,
         "explanation_weight": args.explanation_weight,
+        "warnings": warnings,
     }
     if rerank is not None:
         report["rerank"] = rerank
@@ -326,10 +369,16 @@ def _resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise SystemExit(f"entityclip-eval: error: --device {name!r}: {error}") from error
+        _exit_with_error(f"--device {name!r}: {error}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("entityclip-eval: error: --device cuda but no CUDA device is available")
+        _exit_with_error("--device cuda but no CUDA device is available")
     return device
+
+
+def _exit_with_error(message: str):
+    """argparse's way: one "error:" line on stderr, exit status 2."""
+    print(f"entityclip-eval: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _device_of(model) -> torch.device:

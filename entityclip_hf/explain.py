@@ -849,12 +849,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--server needs --server-model (the model name the server serves)")
     if args.limit is not None and args.limit < 0:
         parser.error("--limit must be >= 0")
+    # A Hub id is 'name' or 'user/name': anything else that does not exist is a missing folder.
+    if args.model and not os.path.exists(os.path.expanduser(args.model)):
+        if os.path.isabs(args.model) or args.model.startswith((".", "~")) or args.model.count("/") > 1:
+            parser.error(f"--model {args.model}: no such folder")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
 
     try:
         texts = read_texts(args.input, args.text_field)
+    except UnicodeDecodeError as error:  # which file, at which byte: the decoder only knows its buffer's position
+        from .data.formats import first_utf8_error
+
+        located = (first_utf8_error(path) for path in args.input if os.path.isfile(path))
+        parser.error(next((message for message in located if message), str(error)))
     except (OSError, ValueError) as error:
         parser.error(str(error))
 
@@ -887,8 +896,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             template = "chat template" if explainer.uses_chat_template else "plain prompt"
             where = f"{args.model} on {explainer.model.device} ({template}, batch size {args.batch_size})"
-    except ValueError as error:
-        parser.error(str(error))
+    except (OSError, ValueError) as error:  # a model folder or Hub id that cannot be loaded, a bad option value
+        first_line = str(error).splitlines()[0] if str(error) else repr(error)
+        parser.error(f"--model {args.model}: cannot load it: {first_line}" if args.model else first_line)
     print(
         f"entityclip-explain: {len(texts)} texts from {len(args.input)} file(s) -> {args.cache}\n"
         f"  generator: {where}\n  cache key: model={explainer.model_id!r} prompt_version={PROMPT_VERSION!r}",
@@ -916,6 +926,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CacheLockedError as error:
         print(f"entityclip-explain: error: {error}", file=sys.stderr, flush=True)
         return 1
+    except OSError as error:  # the cache cannot be opened or written (a folder, no permission, a full disk)
+        print(f"entityclip-explain: error: cache {args.cache}: {error}", file=sys.stderr, flush=True)
+        return 2
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_sigterm if previous_sigterm is not None else signal.SIG_DFL)

@@ -91,23 +91,30 @@ def pairwise_contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
+def _check_square_batch(similarity: torch.Tensor) -> None:
+    if similarity.ndim != 2 or similarity.shape[1] != similarity.shape[0]:
+        raise ValueError(f"similarity must be square [B, B], got {tuple(similarity.shape)}")
+    if similarity.shape[0] < 2:
+        raise ValueError("negatives need a batch of at least 2 pairs")
+
+
 def sample_negatives(similarity: torch.Tensor, hard: bool = True) -> torch.Tensor:
     """For each row of a square similarity matrix, draw the column of one negative (never the row's own index).
 
     `hard=True` draws from `softmax(similarity)` with the diagonal zeroed (ALBEF): confusable pairs are drawn more
     often, yet every negative keeps a chance, which avoids collapsing onto one false negative. `hard=False` draws
-    uniformly. Needs at least 2 rows.
+    uniformly. A row with a non-finite similarity draws uniformly. Needs at least 2 rows.
     """
-    batch_size = similarity.shape[0]
-    if similarity.ndim != 2 or similarity.shape[1] != batch_size:
-        raise ValueError(f"similarity must be square [B, B], got {tuple(similarity.shape)}")
-    if batch_size < 2:
-        raise ValueError("negatives need a batch of at least 2 pairs")
+    _check_square_batch(similarity)
     with torch.no_grad():
         if hard:
             weights = torch.softmax(similarity.float(), dim=1)
             # Rows whose softmax underflowed everywhere off the diagonal must still be able to draw a negative.
             weights = weights + 1e-6
+            # A non-finite similarity (NaN weights or inputs) would make torch.multinomial raise here, in one process,
+            # while the others wait in the loss's all-gather (a hang under DDP). Such rows draw uniformly instead:
+            # the NaN then reaches the loss on every process, where the training loop sees it and skips the step.
+            weights = torch.where(torch.isfinite(weights).all(dim=1, keepdim=True), weights, 1.0)
         else:
             weights = torch.ones_like(similarity, dtype=torch.float32)
         weights.fill_diagonal_(0)
@@ -121,11 +128,7 @@ def hardest_negatives(similarity: torch.Tensor) -> torch.Tensor:
     same ITM pairs (transformers' Trainer.evaluate, determinism checks), and the pairs are the most confusable ones.
     Ties go to the lowest index. Needs at least 2 rows.
     """
-    batch_size = similarity.shape[0]
-    if similarity.ndim != 2 or similarity.shape[1] != batch_size:
-        raise ValueError(f"similarity must be square [B, B], got {tuple(similarity.shape)}")
-    if batch_size < 2:
-        raise ValueError("negatives need a batch of at least 2 pairs")
+    _check_square_batch(similarity)
     with torch.no_grad():
         scores = similarity.float().clone()
         scores.fill_diagonal_(float("-inf"))

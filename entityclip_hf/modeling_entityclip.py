@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_entityclip import EntityCLIPConfig
 from .losses import contrastive_loss, hardest_negatives, itm_loss, pairwise_contrastive_loss, sample_negatives
+from .modeling_checks import check_model_inputs, load_or_name_the_file, read_config_dict
 from .modeling_experts import EntityCLIPExpertBank, ExpertKeysValues, TokenFeatures, gated_sum
 from .modeling_variants import EntityCLIPCrossModalMatcher, candidate_explanation_expert_logits, fused_text_embeddings
 
@@ -87,85 +88,6 @@ class EntityCLIPOutput(ModelOutput):
             self[key].to_tuple() if key in ("text_model_output", "vision_model_output") else self[key]
             for key in self.keys()
         )
-
-
-def _describe(tensor: torch.Tensor) -> str:
-    return f"shape {tuple(tensor.shape)} ({str(tensor.dtype).replace('torch.', '')})"
-
-
-def _is_tracing() -> bool:
-    # Value checks read tensor data (a device sync, a graph break): skipped under torch.compile / torch.export.
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
-
-
-def check_model_inputs(
-    config: EntityCLIPConfig,
-    input_ids: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
-    pixel_values: torch.Tensor | None,
-    explanation_input_ids: torch.Tensor | None,
-    explanation_attention_mask: torch.Tensor | None,
-    paired: bool,
-) -> None:
-    """Reject inputs that would fail deep inside torch (or, worse, run silently wrong), naming argument and shape."""
-    vocab_size = config.clip_config.text_config.vocab_size
-    max_positions = config.clip_config.text_config.max_position_embeddings
-    num_channels = config.clip_config.vision_config.num_channels
-    for name, ids, mask in (
-        ("input_ids", input_ids, attention_mask),
-        ("explanation_input_ids", explanation_input_ids, explanation_attention_mask),
-    ):
-        if ids is None:
-            continue
-        mask_name = name.replace("input_ids", "attention_mask")
-        if ids.ndim != 2:
-            raise ValueError(
-                f"`{name}` must be 2-D [batch_size, sequence_length], got {_describe(ids)}; "
-                "a single text is a batch of one (`ids[None]`)."
-            )
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise ValueError(f"`{name}` must hold integer token ids, got {_describe(ids)}.")
-        if ids.shape[0] == 0:
-            raise ValueError(f"`{name}` is an empty batch ({_describe(ids)}).")
-        if ids.shape[1] > max_positions:
-            raise ValueError(
-                f"`{name}` has {ids.shape[1]} tokens but the text encoder has {max_positions} positions: truncate "
-                "(the processor does)."
-            )
-        if not _is_tracing() and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-            raise ValueError(
-                f"`{name}` holds ids {int(ids.min())}..{int(ids.max())} outside the vocabulary 0..{vocab_size - 1}: "
-                "was it made by another tokenizer?"
-            )
-        if mask is not None and tuple(mask.shape) != tuple(ids.shape):
-            raise ValueError(f"`{mask_name}` has {_describe(mask)} but `{name}` has {_describe(ids)}: they must match.")
-    if pixel_values is not None:
-        if pixel_values.dtype == torch.uint8:
-            raise ValueError(
-                f"`pixel_values` are raw uint8 pixels ({_describe(pixel_values)}): normalise them with the model's "
-                "processor (EntityCLIPProcessor / CLIPImageProcessor), which also resizes and crops."
-            )
-        if not pixel_values.is_floating_point():
-            raise ValueError(f"`pixel_values` must be a float tensor, got {_describe(pixel_values)}.")
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
-            raise ValueError(
-                f"`pixel_values` must be [batch_size, {num_channels}, height, width], got {_describe(pixel_values)}."
-            )
-        if pixel_values.shape[0] == 0:
-            raise ValueError(f"`pixel_values` is an empty batch ({_describe(pixel_values)}).")
-    if paired and input_ids is not None and pixel_values is not None and input_ids.shape[0] != pixel_values.shape[0]:
-        raise ValueError(
-            f"return_loss=True trains on matching pairs (row i of each), but got {pixel_values.shape[0]} images "
-            f"and {input_ids.shape[0]} texts."
-        )
-    if explanation_input_ids is not None and input_ids is not None:
-        if explanation_input_ids.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"`explanation_input_ids` has {explanation_input_ids.shape[0]} rows but `input_ids` has "
-                f"{input_ids.shape[0]}: one explanation row per text (an all-zero mask row for none)."
-            )
-    if explanation_attention_mask is not None and explanation_input_ids is None:
-        raise ValueError("`explanation_attention_mask` was given without `explanation_input_ids`.")
 
 
 def _torch_linear_default_(weight: torch.Tensor, bias: torch.Tensor | None, fan_in: int) -> None:
@@ -385,7 +307,9 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
             # Encode only up to the last position any explanation uses: beyond it is padding for everyone.
             length = int(mask.bool().any(dim=0).nonzero().max()) + 1
             ids, mask = ids[:, :length], mask[:, :length]
-        encoded, _ = self._text_token_features(ids, mask)
+        # Opt-in: no backward through the text encoder for the explanation pass (explanation_encoder_gradient=False).
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.explanation_encoder_gradient):
+            encoded, _ = self._text_token_features(ids, mask)
         tokens = encoded.tokens.new_zeros(batch_size, encoded.tokens.shape[1], dim)
         tokens[present] = encoded.tokens
         key_mask = torch.zeros(batch_size, tokens.shape[1], dtype=torch.bool, device=device)
@@ -693,11 +617,6 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
             explanation_attention_mask,
             paired=True,
         )
-        if pixel_values.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"match_probability scores pairs (image i, text i): got {pixel_values.shape[0]} images and "
-                f"{input_ids.shape[0]} texts."
-            )
         output = self._paired_forward(
             input_ids,
             pixel_values,
@@ -720,10 +639,13 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
                 for key in ("cache_dir", "local_files_only", "revision", "token", "subfolder", "force_download")
                 if key in kwargs
             }
-            config_dict = _read_config_dict(pretrained_model_name_or_path, hub_kwargs)
+            config_dict = read_config_dict(pretrained_model_name_or_path, hub_kwargs)
             if config_dict.get("model_type") == "clip":
                 return cls.from_clip_pretrained(pretrained_model_name_or_path, **kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        return load_or_name_the_file(
+            lambda: super(EntityCLIPModel, cls).from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs),
+            pretrained_model_name_or_path,
+        )
 
     @classmethod
     def from_clip_pretrained(
@@ -742,7 +664,7 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
             for key in ("cache_dir", "local_files_only", "revision", "token", "subfolder", "force_download")
             if key in kwargs
         }
-        config_dict = _read_config_dict(pretrained_model_name_or_path, hub_kwargs)
+        config_dict = read_config_dict(pretrained_model_name_or_path, hub_kwargs)
         if config_dict.get("model_type") != "clip":
             raise ValueError(
                 f"{pretrained_model_name_or_path} holds a {config_dict.get('model_type')!r} model, not a CLIP "
@@ -750,8 +672,11 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
             )
         clip_config = CLIPConfig.from_dict(config_dict)
         config = EntityCLIPConfig(clip_config=clip_config, **entity_kwargs)
-        model, loading_info = super().from_pretrained(
-            pretrained_model_name_or_path, config=config, output_loading_info=True, **kwargs
+        model, loading_info = load_or_name_the_file(
+            lambda: super(EntityCLIPModel, cls).from_pretrained(
+                pretrained_model_name_or_path, config=config, output_loading_info=True, **kwargs
+            ),
+            pretrained_model_name_or_path,
         )
         new_weights = sorted(loading_info["missing_keys"])
         not_entityclip = [key for key in new_weights if key.startswith(cls.base_model_prefix + ".")]
@@ -782,17 +707,4 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
             )
 
 
-def _read_config_dict(pretrained_model_name_or_path, hub_kwargs: dict) -> dict:
-    """The checkpoint's config.json as a dict (CLIP's or ours), with errors that name the folder and file."""
-    if os.path.isdir(pretrained_model_name_or_path) or not os.path.exists(pretrained_model_name_or_path):
-        local = os.path.join(os.fspath(pretrained_model_name_or_path), hub_kwargs.get("subfolder", ""))
-        looks_local = os.path.isabs(os.fspath(pretrained_model_name_or_path)) or os.fspath(
-            pretrained_model_name_or_path
-        ).startswith((".", "~"))
-        if looks_local and not os.path.isdir(local):
-            raise OSError(f"model folder not found: '{pretrained_model_name_or_path}'")
-    config_dict, _ = CLIPConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
-    return config_dict
-
-
-__all__ = ["EntityCLIPModel", "EntityCLIPOutput", "EntityCLIPPreTrainedModel", "check_model_inputs"]
+__all__ = ["EntityCLIPModel", "EntityCLIPOutput", "EntityCLIPPreTrainedModel"]

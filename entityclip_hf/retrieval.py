@@ -1122,11 +1122,17 @@ def run(argv: Sequence[str] | None = None):
         parser.error("--rerank must be >= 0")
     if not 0 <= args.explanation_weight <= 1:
         parser.error("--explanation-weight must be in [0, 1]")
+    try:
+        _cli_device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device!r}: {error}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _command_encode(args) if args.command == "encode" else _command_search(args)
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError, ImportError) as error:  # a user error (a folder, a file, an argument): one line
+        from .data.report import one_line
+
+        print(f"{parser.prog} {args.command}: error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from error
 
 

@@ -7,6 +7,9 @@ dataset). A JSON config file gives a whole recipe and `--key=value` flags overri
     accelerate launch examples/finetune.py --config examples/configs/paper_vitb32.json --dataset_root /data/n24news
     accelerate launch --multi_gpu --num_processes 2 examples/finetune.py --cpu ...   # 2 CPU processes (gloo)
 
+Bad batches (NaN/inf inputs or loss) are skipped and named, a full disk is said as such: `training_guards.py`, beside
+this script.
+
 Outputs in --output_dir: `checkpoints/step_N` (Accelerate state: resume with --resume), `best/` and `final/`
 (`save_pretrained` folders that `AutoModel.from_pretrained(folder, trust_remote_code=True)` loads), `train_log.jsonl`
 (one line per step and per evaluation) and the trackers' logs (--report_to).
@@ -32,10 +35,29 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from training_guards import (
+    BadStepCounter,
+    TrainingStopped,
+    UsageError,
+    agree_on_problem,
+    checkpoint_room_problem,
+    describe_bad_batch,
+    guarded_forward,
+    guarded_write,
+    main_process_decides,
+    nonfinite_inputs,
+    nonfinite_weights,
+    on_any_process,
+    state_bytes,
+    tensor_bytes,
+)
 from transformers import AutoConfig, CLIPImageProcessorPil, CLIPTokenizer, get_scheduler
 
 from entityclip_hf import EntityCLIPConfig, EntityCLIPModel
-from entityclip_hf.data import EntityCLIPCollator, lazy_images, load_entity_dataset, make_demo_dataset
+from entityclip_hf.data import KNOWN_DATASETS, EntityCLIPCollator, lazy_images, load_entity_dataset, make_demo_dataset
+from entityclip_hf.data.formats import get_format
+from entityclip_hf.data.loading import IMAGE_CHECKS
+from entityclip_hf.data.report import one_line
 from entityclip_hf.evaluation import format_metrics_table
 from entityclip_hf.losses import contrastive_loss
 from entityclip_hf.metrics import retrieval_metrics
@@ -66,7 +88,9 @@ def str2bool(value) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="finetune.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     flag = dict(type=str2bool, nargs="?", const=True)  # `--x`, `--x=true`, `--x=false`
     p.add_argument("--config", help="JSON file of flag values; command-line flags override it")
     # model
@@ -105,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--use_explanations", default=True, help="false: train and evaluate without any explanation (ablation)", **flag
     )
-    p.add_argument("--check_images", default="header", help="loader's image check: header, decode or none (fast)")
+    p.add_argument(
+        "--check_images", default="header", choices=IMAGE_CHECKS, help="loader's image check: decode is thorough"
+    )
     p.add_argument("--eval_split", default="validation", help="split used for evaluation and the best checkpoint")
     p.add_argument("--test_split", default="test", help="split on which best/ is finally evaluated ('': none)")
     p.add_argument("--max_train_samples", type=int, help="use only the first N training pairs")
@@ -125,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_epochs", type=int, default=1)
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: num_epochs)")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument(
+        "--max_bad_steps",
+        type=int,
+        default=10,
+        help="stop after this many optimizer steps in a row skipped for NaN/inf inputs or loss (0: never stop)",
+    )
     p.add_argument("--mixed_precision", default=None, choices=["no", "bf16", "fp16"], help="default: accelerate's")
     p.add_argument("--gradient_checkpointing", default=False, **flag)
     p.add_argument("--compile", default=False, help="torch.compile CLIP's vision and text encoders (inductor)", **flag)
@@ -161,13 +193,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Flags that must be at least 1, and at least 0.
+POSITIVE_FLAGS = ("batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps", "keep_checkpoints",
+                  "log_every", "tiny_hidden_size", "tiny_num_layers", "tiny_image_size", "tiny_patch_size")  # fmt: skip
+NON_NEGATIVE_FLAGS = ("max_steps", "eval_every", "save_every", "warmup_steps", "num_workers", "max_bad_steps")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    """Flags, with defaults taken from --config (a JSON object of flag names; keys starting with _ are comments)."""
+    """Flags, with defaults taken from --config (a JSON object of flag names; keys starting with _ are comments).
+
+    User errors (a config file that cannot be read, an unknown dataset, a number out of range) end here, with
+    argparse's one-line "error:" and exit status 2; `check_paths` then checks the folders and files named.
+    """
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
     if known.config:
-        with open(known.config) as f:
-            values = {key: value for key, value in json.load(f).items() if not key.startswith("_")}  # _: comments
+        try:
+            with open(known.config, encoding="utf-8") as f:
+                values = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            parser.error(f"--config {known.config}: {error}")
+        if not isinstance(values, dict):
+            parser.error(f"--config {known.config}: expected a JSON object of flag values, got {type(values).__name__}")
+        values = {key: value for key, value in values.items() if not key.startswith("_")}  # _: comments
         flags = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - flags)
         if unknown:
@@ -176,7 +224,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
+    for name in POSITIVE_FLAGS + NON_NEGATIVE_FLAGS:
+        if getattr(args, name) < (1 if name in POSITIVE_FLAGS else 0):
+            parser.error(f"--{name} must be >= {1 if name in POSITIVE_FLAGS else 0}, got {getattr(args, name)}")
+    if args.dataset != "demo":
+        try:
+            get_format(args.dataset)
+        except ValueError:
+            parser.error(f"--dataset {args.dataset!r}: expected one of {', '.join(KNOWN_DATASETS)}")
     return args
+
+
+def check_paths(args) -> None:
+    """The folders and files the flags name exist (a `UsageError` otherwise), before any work is done."""
+    if args.dataset != "demo":
+        if args.dataset_root is None:
+            raise UsageError(f"--dataset {args.dataset} needs --dataset_root (the folder holding its files)")
+        if not os.path.isdir(args.dataset_root):
+            raise UsageError(f"--dataset_root {args.dataset_root}: no such folder")
+    for path in args.explanations.split(",") if args.explanations else ():
+        if not os.path.exists(path):
+            raise UsageError(f"--explanations: no file or folder {path}")
+    # A Hub id is 'name' or 'user/name': anything else that does not exist is a missing folder.
+    looks_local = os.path.isabs(args.model) or args.model.startswith((".", "~")) or args.model.count("/") > 1
+    if args.model != "tiny" and looks_local and not os.path.exists(os.path.expanduser(args.model)):
+        raise UsageError(f"--model {args.model}: no such folder")
 
 
 # ----------------------------------------------------------------------------------------------------- model & data
@@ -205,7 +277,7 @@ def build_model_and_processor(args, train_texts):
     if model_type == EntityCLIPConfig.model_type:
         model = EntityCLIPModel.from_pretrained(args.model, dtype=torch.float32, **heads)
         return model, EntityCLIPProcessor.from_pretrained(args.model)
-    raise ValueError(f"--model {args.model}: a {model_type!r} checkpoint; expected 'tiny', CLIP or EntityCLIP")
+    raise UsageError(f"--model {args.model}: a {model_type!r} checkpoint; expected 'tiny', CLIP or EntityCLIP")
 
 
 def load_datasets(args, accelerator):
@@ -216,13 +288,14 @@ def load_datasets(args, accelerator):
         with accelerator.main_process_first():  # the main process builds it, the others then find it complete
             make_demo_dataset(root, num_entities=args.demo_entities, captions_per_entity=args.demo_captions)
         name = "jsonl"  # the demo is written in the plain JSON-lines format
-    elif root is None:
-        raise ValueError(f"--dataset {name} needs --dataset_root (the folder holding its files)")
     explanations = args.explanations.split(",") if args.explanations else "auto"
     with accelerator.main_process_first():  # datasets' cache is written once
-        datasets = lazy_images(
-            load_entity_dataset(name, root, explanations=explanations, check_images=args.check_images)
-        )
+        try:
+            datasets = lazy_images(
+                load_entity_dataset(name, root, explanations=explanations, check_images=args.check_images)
+            )
+        except (OSError, ValueError) as error:  # the folder's layout, a file that cannot be read
+            raise UsageError(f"--dataset {args.dataset} --dataset_root {root}: {one_line(error)}") from error
     if not args.use_explanations:  # the ablation "without explanations": every row has none
         datasets = datasets.map(lambda row: {"explanation": None}, desc="dropping explanations")
     if args.max_train_samples:
@@ -235,7 +308,7 @@ def load_datasets(args, accelerator):
 
 def make_dataloaders(args, datasets, processor):
     """Training loader, then evaluation loaders for --eval_split and --test_split (None where the split is absent)."""
-    collator = EntityCLIPCollator(processor)
+    collator = EntityCLIPCollator(processor, return_ids=True)  # ids name the samples of a skipped batch
     # Seeded generators: the shuffle order (Accelerate's seedable sampler reseeds it per epoch) and the DataLoader's
     # own draw of worker seeds never touch the global torch RNG, whose state `save_state` restores on resume.
     train = DataLoader(
@@ -406,16 +479,40 @@ def replace_dir(tmp: str, final: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def refuse_nonfinite_weights(model, path: str) -> None:
+    """No NaN weights on disk: the skipped steps keep them out; this would catch a way in that they do not."""
+    bad = nonfinite_weights(model)
+    if bad:
+        raise TrainingStopped(
+            f"refusing to write {path}: {len(bad)} weight tensor(s) hold NaN/inf ({', '.join(bad[:3])})"
+        )
+
+
 def save_model_folder(accelerator, model, processor, path: str) -> None:
     """`save_pretrained` of model (safetensors, code files for trust_remote_code) and processor, atomically."""
+    refuse_nonfinite_weights(accelerator.unwrap_model(model), path)
     state_dict = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed: every process calls it
+    problem = None
     if accelerator.is_main_process:
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
-        processor.save_pretrained(tmp)
-        replace_dir(tmp, path)
+
+        def write():
+            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+            processor.save_pretrained(tmp)
+            replace_dir(tmp, path)
+
+        problem = guarded_write(path, os.path.dirname(os.path.abspath(path)), room_needed(state_dict), write, tmp)
+    problem = main_process_decides(problem, accelerator)  # every process stops, or none
+    if problem:
+        raise TrainingStopped(problem)
     accelerator.wait_for_everyone()
+
+
+def room_needed(tensors) -> int:
+    """Bytes to have free before writing `tensors` (a state dict, an accelerator's state): theirs, plus headers."""
+    count = tensors if isinstance(tensors, int) else tensor_bytes(tensors)
+    return int(count * 1.01) + (1 << 20)
 
 
 def load_model_folder(model, path: str) -> None:
@@ -440,17 +537,39 @@ def checkpoint_steps(output_dir: str) -> list[int]:
 
 
 def save_checkpoint(accelerator, args, state: dict) -> None:
-    """`save_state` (model, optimizer, scheduler, RNGs) + the loop position, written to a temp folder then renamed."""
+    """`save_state` (model, optimizer, scheduler, RNGs) + the loop position, written to a temp folder then renamed.
+
+    Free space is checked first: what rotation deletes after this checkpoint may go before it, but never the newest
+    complete checkpoint. A full disk stops the run on every process with a message saying so.
+    """
     folder = os.path.join(args.output_dir, "checkpoints")
     tmp, final = os.path.join(folder, f".tmp-step_{state['step']}"), os.path.join(folder, f"step_{state['step']}")
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
+    refuse_nonfinite_weights(accelerator.unwrap_model(accelerator._models[0]), final)
+    needed, problem = room_needed(state_bytes(accelerator)), None
     if accelerator.is_main_process:
-        with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump(state, f, indent=2)
-        replace_dir(tmp, final)
-        for step in checkpoint_steps(args.output_dir)[: -args.keep_checkpoints]:
-            shutil.rmtree(os.path.join(folder, f"step_{step}"), ignore_errors=True)
+        os.makedirs(folder, exist_ok=True)
+        steps = [step for step in checkpoint_steps(args.output_dir) if step != state["step"]]
+        rotated = steps[: max(0, len(steps) - (args.keep_checkpoints - 1))][: len(steps) - 1]  # never the newest
+        deletable = [os.path.join(folder, f"step_{step}") for step in rotated]
+        problem = checkpoint_room_problem(folder, needed, deletable, final)
+    problem = main_process_decides(problem, accelerator)
+    if problem is None:  # every process writes its part (its RNG state), then all agree on how it went
+        problem = agree_on_problem(guarded_write(final, folder, 0, lambda: accelerator.save_state(tmp)), accelerator)
+    if problem is None and accelerator.is_main_process:
+
+        def finish():
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump(state, f, indent=2)
+            replace_dir(tmp, final)
+            for step in checkpoint_steps(args.output_dir)[: -args.keep_checkpoints]:
+                shutil.rmtree(os.path.join(folder, f"step_{step}"), ignore_errors=True)
+
+        problem = guarded_write(final, folder, 0, finish)
+    problem = main_process_decides(problem, accelerator)
+    if problem is not None:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint only takes the room others need
+        raise TrainingStopped(problem)
     accelerator.wait_for_everyone()
 
 
@@ -461,7 +580,7 @@ def find_checkpoint(args) -> str | None:
         return None
     if args.resume != "latest":
         if not os.path.exists(os.path.join(args.resume, STATE_FILE)):
-            raise FileNotFoundError(f"--resume {args.resume}: not a complete checkpoint (no {STATE_FILE})")
+            raise UsageError(f"--resume {args.resume}: not a complete checkpoint (no {STATE_FILE})")
         return args.resume
     steps = checkpoint_steps(args.output_dir)
     return os.path.join(args.output_dir, "checkpoints", f"step_{steps[-1]}") if steps else None
@@ -472,7 +591,7 @@ def clear_previous_run(args, accelerator) -> None:
     previous_run = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(args.output_dir, name))]
     if previous_run and not args.resume:
         if not args.overwrite_output_dir:
-            raise FileExistsError(
+            raise UsageError(
                 f"{args.output_dir} holds an earlier run ({', '.join(previous_run)}): pass --resume to continue it, "
                 "--overwrite_output_dir to replace it, or choose another --output_dir"
             )
@@ -499,7 +618,7 @@ def check_distributed_setup(accelerator, launched_processes: int) -> None:
         raise RuntimeError(f"{launched_processes} processes launched but Accelerate sees {accelerator.num_processes}")
     if accelerator.distributed_type == DistributedType.FSDP:
         # FSDP1 fails when saving, FSDP2 when wrapping: both refuse scalar parameters (pytorch/pytorch#132934).
-        raise ValueError(
+        raise UsageError(
             "FSDP cannot shard CLIP's `logit_scale`, a scalar parameter (torch's FSDP refuses those), so EntityCLIP "
             "trains with DDP: `accelerate launch --multi_gpu ...`. To save memory, add --gradient_checkpointing "
             "and --mixed_precision bf16."
@@ -545,7 +664,12 @@ def train(args) -> dict:
         log(f"--resume: no checkpoint in {args.output_dir}/checkpoints, starting from scratch")
     # --model tiny trains its tokenizer here: on the explanations too, or their words would split into characters.
     tokenizer_corpus = list(datasets["train"]["text"]) + [e for e in datasets["train"]["explanation"] if e]
-    model, processor = build_model_and_processor(args, tokenizer_corpus)
+    try:
+        model, processor = build_model_and_processor(args, tokenizer_corpus)
+    except UsageError:
+        raise
+    except (OSError, ValueError) as error:  # no or a bad config.json, an id the Hub (or the offline cache) lacks
+        raise UsageError(f"--model {args.model}: cannot load it ({str(error).splitlines()[0]})") from error
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     if args.compile:
@@ -558,7 +682,7 @@ def train(args) -> dict:
     train_loader, eval_loader, test_loader = make_dataloaders(args, datasets, processor)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if len(train_loader) == 0:
-        raise ValueError(
+        raise UsageError(
             f"{len(datasets['train'])} training pairs: fewer than one batch of {args.batch_size} per process"
         )
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)  # len: batches per process
@@ -578,6 +702,8 @@ def train(args) -> dict:
         with open(os.path.join(resume_dir, STATE_FILE)) as f:
             state = json.load(f)
         log(f"resumed from {resume_dir} at step {state['step']} (epoch {state['epoch']})")
+    state.setdefault("skipped_steps", 0)
+    bad_steps = BadStepCounter(args.max_bad_steps)
     accelerator.init_trackers(
         TRACKER_PROJECT, config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
     )
@@ -599,7 +725,7 @@ def train(args) -> dict:
         if state["initial"] is None:
             state["initial"] = metrics
         if args.best_metric not in metrics:
-            raise ValueError(f"--best_metric {args.best_metric!r} is not an evaluation metric: {sorted(metrics)}")
+            raise UsageError(f"--best_metric {args.best_metric!r} is not an evaluation metric: {sorted(metrics)}")
         value = metrics[args.best_metric]
         if state["step"] > 0 and is_better(value, state["best_value"], args.best_metric):
             state["best_value"], state["best_step"] = value, state["step"]
@@ -611,6 +737,7 @@ def train(args) -> dict:
         run_eval()  # R@K before training
     progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_main_process)
     sums, micro_batches, last_eval, last_saved, started = torch.zeros(len(LOSS_NAMES)), 0, None, None, time.time()
+    step_problem = None  # why the optimizer step being accumulated is skipped, if it is
     start_epoch, skip = state["epoch"], state["batches_in_epoch"]
     model.train()
     for epoch in range(start_epoch, num_epochs):
@@ -630,19 +757,46 @@ def train(args) -> dict:
                 log(f"step {state['step']}: a batch with no usable sample on some process: skipped")
                 continue
             with accelerator.accumulate(model):
-                output = model(**inputs, return_loss=True)
-                accelerator.backward(output.loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
+                # NaN/inf inputs, a forward failing on them, a NaN loss: the step is skipped, never applied. Every
+                # process decides the same before the forward's and backward's collectives, or DDP would hang.
+                problem, output = nonfinite_inputs(inputs), None
+                if not on_any_process(problem is not None, accelerator):
+                    output, problem = guarded_forward(model, inputs)
+                bad_batch = on_any_process(problem is not None, accelerator)
+                if bad_batch:
+                    step_problem = describe_bad_batch(problem, list(batch.get("ids", []))[:rows], accelerator)
+                else:
+                    accelerator.backward(output.loss)
+                if accelerator.sync_gradients and step_problem is None:
+                    if args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
                     scheduler.step()
-                optimizer.zero_grad()
-            losses = torch.stack([getattr(output, name).detach().float() for name in LOSS_NAMES])
-            sums += accelerator.reduce(losses, "mean").cpu()  # each process's loss averaged: the global batch's
-            micro_batches += 1
+                optimizer.zero_grad()  # also drops the gradients of a skipped step's good micro-batches
+            if not bad_batch:
+                losses = torch.stack([getattr(output, name).detach().float() for name in LOSS_NAMES])
+                sums += accelerator.reduce(losses, "mean").cpu()  # each process's loss averaged: the global batch's
+                micro_batches += 1
             if not accelerator.sync_gradients:
                 continue
+            if step_problem is not None:
+                log(f"warning: step {state['step'] + 1} skipped (no update): {step_problem}")
+                if log_file:
+                    log_file.write(json.dumps({"step": state["step"], "skipped_step": step_problem}) + "\n")
+                    log_file.flush()
+                sums, micro_batches, description, step_problem = torch.zeros(len(LOSS_NAMES)), 0, step_problem, None
+                state["skipped_steps"] += 1
+                if bad_steps.bad_step():  # --max_bad_steps in a row: something is wrong beyond one bad sample
+                    save_checkpoint(accelerator, args, state)  # the good steps since the last checkpoint are kept
+                    checkpoint = os.path.join(args.output_dir, "checkpoints", f"step_{state['step']}")
+                    raise TrainingStopped(bad_steps.stop_message(description, checkpoint))
+                if not args.save_every and state["batches_in_epoch"] >= len(train_loader):
+                    save_checkpoint(
+                        accelerator, args, state
+                    )  # the epoch's checkpoint, though its last step was skipped
+                    last_saved = state["step"]
+                continue
+            bad_steps.good_step()
             accelerator.unwrap_model(model).clamp_logit_scale()
             state["step"] += 1
             progress.update(1)
@@ -678,6 +832,7 @@ def train(args) -> dict:
         log(f"{args.eval_split} before: {format_metrics(state['initial'])}")
         log(f"{args.eval_split} after:  {format_metrics(last_eval)}")
     results = {"initial": state["initial"], "final": last_eval, "best_step": state["best_step"], "test": None}
+    results["skipped_steps"] = state["skipped_steps"]
     if test_loader is not None:
         load_model_folder(model, os.path.join(args.output_dir, "best"))
         results["test"] = evaluate(model, test_loader, accelerator, args)
@@ -707,7 +862,15 @@ def train(args) -> dict:
 
 
 def main(argv=None):
-    return train(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        check_paths(args)
+        return train(args)
+    except UsageError as error:  # found once the data or model is opened: said like argparse would, exit status 2
+        print(f"finetune.py: error: {one_line(error)}", file=sys.stderr)
+        raise SystemExit(2) from error
+    except TrainingStopped as error:  # not a bug: the run stopped on purpose, and says why on one line
+        raise SystemExit(f"finetune.py: error: {error}") from error
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """Bad data: every kind is counted and reported with example ids, bad pairs are left out, strict mode raises."""
 
+import io
 import json
 import logging
+import struct
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
 from entityclip_hf.data import DataError, load_entity_dataset
 from entityclip_hf.data.loading import image_error
@@ -99,6 +101,68 @@ def test_header_check_decodes_only_jpegs_without_an_end_marker(tmp_path, monkeyp
     # A whole JPEG is not decoded by the header check (it stays cheap on millions of files).
     monkeypatch.setattr(Image.Image, "load", lambda self: (_ for _ in ()).throw(AssertionError("decoded")))
     assert image_error(str(whole), "header") is None
+
+
+def _jpeg_bytes(size: int, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    Image.effect_noise((size, size), 60).convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _exif_thumbnail_segment(thumbnail: bytes) -> bytes:
+    """An APP1 EXIF segment whose IFD1 holds `thumbnail` (JPEGInterchangeFormat / ...Length), as cameras write."""
+    ifd0 = struct.pack("<HI", 0, 14)  # no entries; the next IFD (IFD1, the thumbnail's) starts at byte 14
+    ifd1 = (
+        struct.pack("<H", 2)
+        + struct.pack("<HHII", 0x0201, 4, 1, 44)
+        + struct.pack("<HHII", 0x0202, 4, 1, len(thumbnail))
+    )
+    tiff = b"II*\x00" + struct.pack("<I", 8) + ifd0 + ifd1 + struct.pack("<I", 0) + thumbnail
+    payload = b"Exif\x00\x00" + tiff
+    return b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+
+
+def _photoshop_thumbnail_segment(thumbnail: bytes) -> bytes:
+    """An APP13 "Photoshop 3.0" segment with an image resource 0x040C (thumbnail: 28-byte header + JPEG)."""
+    data = struct.pack(">IIIIIIHH", 1, 16, 16, 48, 48 * 16, len(thumbnail), 24, 1) + thumbnail
+    data += b"\x00" * (len(data) % 2)
+    payload = (
+        b"Photoshop 3.0\x00" + b"8BIM" + struct.pack(">H", 0x040C) + b"\x00\x00" + struct.pack(">I", len(data)) + data
+    )
+    return b"\xff\xed" + struct.pack(">H", len(payload) + 2) + payload
+
+
+@pytest.mark.parametrize("segment", [_exif_thumbnail_segment, _photoshop_thumbnail_segment], ids=["exif", "app13"])
+def test_header_check_ignores_the_end_marker_of_an_embedded_thumbnail(tmp_path, segment):
+    thumbnail = _jpeg_bytes(16, quality=50)
+    main = _jpeg_bytes(48)
+    photo = main[:2] + segment(thumbnail) + main[2:]  # the thumbnail's segment right after the start of image
+    whole = tmp_path / "whole.jpg"
+    whole.write_bytes(photo)
+    with Image.open(whole) as opened:  # a real JPEG with its thumbnail, as PIL reads it
+        opened.load()
+        if segment is _exif_thumbnail_segment:  # IFD1: JPEGInterchangeFormat (offset), ...Length
+            assert opened.getexif().get_ifd(ExifTags.IFD.IFD1) == {0x0201: 44, 0x0202: len(thumbnail)}
+        else:  # image resource 0x040C: the Photoshop thumbnail
+            assert 0x040C in opened.info["photoshop"]
+    assert image_error(str(whole), "header") is None
+    # Cut short inside the main image's scan data: the thumbnail's end marker is still in the last 4 KiB.
+    scan = photo.index(b"\xff\xda", 2 + len(segment(thumbnail)))
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(photo[: scan + 300])
+    tail = cut.read_bytes()[-4096:]
+    assert b"\xff\xd9" in tail, "the test's premise: the old tail check saw an end marker"
+    error = image_error(str(cut), "header")
+    assert error is not None and "truncated" in error
+    dataset, report = load_entity_dataset("jsonl", _one_row_dataset(tmp_path, cut), return_report=True)
+    assert len(dataset["train"]) == 0 and report.splits["train"].issues["corrupt_image"].examples[0][0] == "cut"
+
+
+def _one_row_dataset(tmp_path: Path, image: Path) -> Path:
+    root = tmp_path / "one"
+    root.mkdir()
+    (root / "train.jsonl").write_text(json.dumps({"id": "cut", "image": str(image), "text": "A cut photo."}) + "\n")
+    return root
 
 
 def test_decode_check_also_finds_truncated_files(messy):

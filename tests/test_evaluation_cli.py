@@ -220,3 +220,22 @@ def test_retrieval_cli_errors(model_folder, data_root, tmp_path, capsys):
             ["search", "--model", str(model_folder), "--images-from", str(tmp_path / "nowhere"), "--query", "x"]
         )
     assert "neither a dataset" in capsys.readouterr().err
+
+
+def test_a_gallery_below_the_minimum_size_is_warned_about(model_folder, data_root, tmp_path, capsys):
+    report = run_eval(model_folder, data_root, tmp_path, "--max-samples", "1")
+    assert report["metrics"]["rsum"] == pytest.approx(600.0), "one pair: every R@K is 100"
+    err = capsys.readouterr().err
+    assert "entityclip-eval: warning: the gallery has only 1 pair(s), below --min-gallery-size 100" in err
+    assert "R@K on 1 items is not meaningful" in err and "R@1 100" in err
+    assert report["warnings"] and "not meaningful" in report["warnings"][0]
+    report = run_eval(model_folder, data_root, tmp_path, "--min-gallery-size", "7")
+    assert report["warnings"] == [] and "warning" not in capsys.readouterr().err
+
+
+def test_small_gallery_warning_states_chance():
+    from entityclip_hf.evaluation import small_gallery_warning
+
+    assert small_gallery_warning(100, 100) is None
+    warning = small_gallery_warning(20, 100)
+    assert "R@1 5, R@5 25, R@10 50, R@50 100, R@100 100" in warning and "K >= 20" in warning

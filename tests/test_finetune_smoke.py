@@ -189,10 +189,11 @@ def test_the_readme_main_job_script_runs_end_to_end(tmp_path):
     assert output.count('query: "') == 3 and "demo finished in" in output
 
 
-def test_a_new_run_refuses_an_used_output_dir(tmp_path, data_root, fresh_accelerate_state):
+def test_a_new_run_refuses_an_used_output_dir(tmp_path, data_root, fresh_accelerate_state, capsys):
     (tmp_path / "checkpoints" / "step_3").mkdir(parents=True)
-    with pytest.raises(FileExistsError, match="holds an earlier run"):  # would silently mix two runs' checkpoints
+    with pytest.raises(SystemExit) as exit_info:  # would silently mix two runs' checkpoints
         finetune.main([*SMALL, "--dataset_root", str(data_root), "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and "holds an earlier run" in capsys.readouterr().err
     assert (tmp_path / "checkpoints" / "step_3").exists(), "nothing deleted without --overwrite_output_dir"
 
 

@@ -116,3 +116,12 @@ def _two_process_gradients_match_one_process(rank, world, port):
 def test_gathered_loss_and_gradient_equal_the_global_batch_in_two_processes():
     # Two real gloo processes; a failed assertion in either one fails this test.
     mp.spawn(_two_process_gradients_match_one_process, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def test_a_nan_similarity_row_still_draws_a_negative_so_the_nan_reaches_the_loss():
+    from entityclip_hf.losses import sample_negatives
+
+    similarity = torch.randn(4, 4)
+    similarity[2, 1] = float("nan")
+    negatives = sample_negatives(similarity)
+    assert negatives.shape == (4,) and (negatives != torch.arange(4)).all()

@@ -423,3 +423,67 @@ def test_batched_expert_bank_equals_full_per_expert_blocks(num_heads):
     )
     expected = _reference_expert(bank, 1, queries[0], keys[1], key_mask[1], 3)
     torch.testing.assert_close(crossed[0, 1], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_new_layers_start_from_pytorchs_defaults_as_the_released_code(config):
+    """Experts as nn.MultiheadAttention + nn.Linear (xavier q/k/v, zero in-projection biases), gates/head as nn.Linear."""
+    torch.manual_seed(0)
+    model = EntityCLIPModel(config)
+    dim = config.projection_dim
+    bank = model.vision_experts
+    in_projection_bound = (6.0 / (4 * dim)) ** 0.5
+    for weight in (bank.query_weight, bank.key_value_weight):
+        assert weight.abs().max() <= in_projection_bound
+        assert weight.std().item() == pytest.approx(in_projection_bound / 3**0.5, rel=0.1)
+    for bias in (bank.query_bias, bank.key_value_bias, bank.out_bias):
+        assert torch.count_nonzero(bias) == 0
+    assert bank.fc1_bias.abs().max() <= dim**-0.5 and torch.count_nonzero(bank.fc1_bias) == bank.fc1_bias.numel()
+    for linear in (model.image_gate, model.text_gate, model.fusion_gate, model.itm_head):
+        bound = linear.in_features**-0.5
+        assert linear.weight.abs().max() <= bound and linear.bias.abs().max() <= bound
+        assert torch.count_nonzero(linear.bias) == linear.bias.numel()
+    # CLIP's own layers keep CLIP's scheme (not the generic std 0.02), and logit_scale its init value.
+    q_proj = model.clip.text_model.encoder.layers[0].self_attn.q_proj.weight
+    text = config.clip_config.text_config
+    expected_std = text.hidden_size**-0.5 * (2 * text.num_hidden_layers) ** -0.5
+    assert q_proj.std().item() == pytest.approx(expected_std, rel=0.15)
+    assert model.clip.logit_scale.item() == pytest.approx(config.clip_config.logit_scale_init_value)
+
+
+def test_config_exposes_clips_tower_configs(config):
+    assert config.get_text_config() is config.clip_config.text_config
+    assert config.text_config is config.clip_config.text_config
+    assert config.vision_config is config.clip_config.vision_config
+
+
+@pytest.mark.parametrize("return_loss", [False, True])
+def test_hidden_states_and_attentions_are_passed_through(config, tiny_tokenizer, return_loss):
+    eager = EntityCLIPConfig(clip_config=config.clip_config.to_dict(), attn_implementation="eager")
+    model = EntityCLIPModel(eager).eval()
+    batch = make_batch(tiny_tokenizer, eager)
+    with torch.no_grad():
+        out = model(**batch, return_loss=return_loss, output_hidden_states=True, output_attentions=True)
+    layers = eager.clip_config.text_config.num_hidden_layers
+    assert len(out.text_model_output.hidden_states) == layers + 1
+    assert len(out.vision_model_output.attentions) == eager.clip_config.vision_config.num_hidden_layers
+    with torch.no_grad():
+        plain = model(**batch, return_loss=return_loss)
+    assert plain.text_model_output.hidden_states is None and plain.vision_model_output.attentions is None
+
+
+@pytest.mark.parametrize("gradient", [True, False])
+def test_explanation_encoder_gradient_option(config, tiny_tokenizer, gradient):
+    """Opt-in cheaper explanations: same forward, no gradient through the text encoder's explanation pass."""
+    torch.manual_seed(0)
+    reference = EntityCLIPModel(config).eval()
+    option = EntityCLIPModel(EntityCLIPConfig(clip_config=config.clip_config, explanation_encoder_gradient=gradient))
+    option.load_state_dict(reference.state_dict())
+    option.eval()
+    seen = []
+    option.clip.text_projection.register_forward_hook(lambda module, args, output: seen.append(output.requires_grad))
+    batch = make_batch(tiny_tokenizer, config)
+    out = option(**batch, return_loss=True)
+    assert seen == [True, gradient]  # the texts' pass, then the explanations' pass
+    torch.testing.assert_close(out.loss, reference(**batch, return_loss=True).loss, rtol=0, atol=0)
+    out.loss.backward()
+    assert option.shared_experts.key_value_weight.grad.abs().sum() > 0  # the experts still learn from explanations

@@ -1,9 +1,14 @@
 """EntityCLIPProcessor: batching, padding, truncation, missing explanations, image conversion, bad input, save/load."""
 
+import io
 import json
+import re
+import struct
 import subprocess
 import sys
 import textwrap
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -359,6 +364,9 @@ def test_mismatched_lengths_name_the_sample(tiny_processor):
         ({"explanation_max_length": "77"}, "explanation_max_length must be None or an int >= 2"),
         ({"background_color": (255, 255)}, "background_color must be three ints"),
         ({"background_color": (0, 0, 256)}, "background_color must be three ints"),
+        ({"max_image_pixels": 0}, "max_image_pixels must be an int >= 1"),
+        ({"max_image_pixels": 1.5e6}, "max_image_pixels must be an int >= 1"),
+        ({"max_image_pixels": True}, "max_image_pixels must be an int >= 1"),
     ],
 )
 def test_invalid_options_are_rejected(tiny_tokenizer, kwargs, message):
@@ -366,12 +374,121 @@ def test_invalid_options_are_rejected(tiny_tokenizer, kwargs, message):
         EntityCLIPProcessor(tiny_image_processor(32), tiny_tokenizer, **kwargs)
 
 
+# --- image size: empty images and the pixel limit (issue 11) -----------------------------------------------------
+
+
+def _png_claiming_size(path, width, height):
+    """A PNG file whose header claims `width x height` pixels but holds the data of a 1 x 1 image.
+
+    PIL reads the size from the header; decoding the pixels would fail. A refusal that names the size therefore shows
+    that the size was checked before anything was decoded.
+    """
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("size", [(0, 0), (1, 0), (0, 1)])
+def test_empty_pil_image_names_its_index(tiny_processor, size):
+    # transformers' resize divided by the zero side: ZeroDivisionError, without the sample.
+    with pytest.raises(ValueError, match=rf"image 1: the PIL image is empty \({size[0]}x{size[1]} pixels\)"):
+        tiny_processor(images=[_images(1)[0], Image.new("RGB", size)])
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (1, 0, 3), (0, 1), (3, 0, 5), (0, 0, 1)])
+def test_empty_array_names_its_index(tiny_processor, shape):
+    with pytest.raises(
+        ValueError, match=rf"image 1: array of shape {re.escape(str(shape))} is not an image: it has no"
+    ):
+        tiny_processor(images=[_images(1)[0], np.zeros(shape, np.uint8)])
+
+
+def test_empty_image_file_names_its_index_and_path(tiny_processor, tmp_path):
+    empty = _png_claiming_size(tmp_path / "empty.png", 0, 5)
+    with pytest.raises(ValueError, match=r"image 1: cannot read image file '.*empty\.png'"):
+        tiny_processor(images=[_images(1)[0], empty])
+
+
+def test_pixel_limit_applies_to_pil_images_arrays_and_files(tiny_tokenizer, tmp_path):
+    processor = EntityCLIPProcessor(tiny_image_processor(32), tiny_tokenizer, max_image_pixels=40 * 30)
+    at_limit = Image.new("RGB", (40, 30), (255, 0, 0))
+    assert processor(images=[at_limit, np.asarray(at_limit)])["pixel_values"].shape == (2, 3, 32, 32)
+    over = Image.new("RGB", (41, 30), (255, 0, 0))
+    limit = r"41x30 = 1,230 pixels, more than the processor's max_image_pixels = 1,200"
+    with pytest.raises(ValueError, match=rf"image 1: the PIL image has {limit}"):
+        processor(images=[at_limit, over])
+    with pytest.raises(ValueError, match=rf"image 0: the array of shape \(30, 41, 3\) has {limit}"):
+        processor(images=[np.asarray(over)])
+    with pytest.raises(ValueError, match=rf"image 0: the array of shape \(3, 30, 41\) has {limit}"):
+        processor(images=[np.asarray(over).transpose(2, 0, 1)])  # channels first
+    over.save(tmp_path / "over.png")
+    with pytest.raises(ValueError, match=rf"image 0: the image file '.*over\.png' has {limit}"):
+        processor(images=[tmp_path / "over.png"])
+
+
+def test_pixel_limit_is_checked_before_decoding_a_file(tiny_tokenizer, tmp_path):
+    processor = EntityCLIPProcessor(tiny_image_processor(32), tiny_tokenizer, max_image_pixels=1_000_000)
+    claims_big = _png_claiming_size(tmp_path / "big.png", 2000, 1000)
+    with pytest.raises(ValueError, match=r"image 0: the image file '.*big\.png' has 2000x1000 = 2,000,000 pixels"):
+        processor(images=[claims_big])
+    with pytest.raises(ValueError, match=r"image 0: the PIL image has 2000x1000 = 2,000,000 pixels"):
+        processor(images=[Image.open(claims_big)])  # opened lazily: not decoded either
+
+
+def test_huge_in_memory_images_are_refused_before_any_conversion(tiny_processor, monkeypatch):
+    """20000 x 20000 = 400 M pixels, over the default limit: as RGB, one copy is 1.2 GB (the issue saw 5.7-6.8 GB)."""
+    message = r"image 0: the {} has 20000x20000 = 400,000,000 pixels, more than the processor's max_image_pixels = "
+    message += "178,956,970"
+    conversions = []
+    monkeypatch.setattr(Image.Image, "convert", lambda image, *args, **kwargs: conversions.append(image.mode))
+    monkeypatch.setattr(Image.Image, "load", lambda image: conversions.append("load"))
+    huge_image = Image.new("1", (20000, 20000))  # one bit per pixel: 50 MB
+    with pytest.raises(ValueError, match=message.format("PIL image")):
+        tiny_processor(images=[huge_image])
+    assert conversions == []
+    huge_array = np.broadcast_to(np.uint8(0), (20000, 20000, 3))  # a read-only view: no memory at all
+    with pytest.raises(ValueError, match=message.format(r"array of shape \(20000, 20000, 3\)")):
+        tiny_processor(images=[huge_array])
+
+
+def test_over_large_array_costs_no_copy(tiny_tokenizer):
+    """The size is checked before the dtype checks and conversions, which copy the array (tracemalloc sees numpy)."""
+    processor = EntityCLIPProcessor(tiny_image_processor(32), tiny_tokenizer, max_image_pixels=1_000_000)
+    over_limit = np.broadcast_to(np.float64(0.5), (2000, 1000, 3))  # as float64 copies: 48 MB each
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"image 0: the array of shape \(2000, 1000, 3\) has 1000x2000"):
+            processor(images=[over_limit])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, peak
+
+
+def test_file_over_pils_own_limit_names_its_index_and_the_limit(tiny_processor, tmp_path):
+    bomb = _png_claiming_size(tmp_path / "bomb.png", 20000, 20000)
+    with pytest.raises(
+        ValueError, match=r"image 0: cannot read image file '.*bomb\.png' \(DecompressionBombError: .*178956970 pixels"
+    ):
+        tiny_processor(images=[bomb])
+
+
 # --- save / load -------------------------------------------------------------------------------------------------
 
 
 def _custom_processor(tokenizer):
     return EntityCLIPProcessor(
-        tiny_image_processor(32), tokenizer, max_length=24, explanation_max_length=40, background_color=(0, 128, 255)
+        tiny_image_processor(32),
+        tokenizer,
+        max_length=24,
+        explanation_max_length=40,
+        background_color=(0, 128, 255),
+        max_image_pixels=4_000_000,
     )
 
 
@@ -387,13 +504,16 @@ def test_save_load_round_trip_keeps_options_and_outputs(tiny_tokenizer, tmp_path
     processor.save_pretrained(tmp_path / "saved")
     config = json.loads((tmp_path / "saved" / "processor_config.json").read_text())
     assert config["processor_class"] == "EntityCLIPProcessor"
-    assert config["max_length"] == 24 and config["explanation_max_length"] == 40
+    assert config["explanation_max_length"] == 40 and config["max_image_pixels"] == 4_000_000
     assert config["background_color"] == [0, 128, 255]
+    # The texts' default length is a tokenizer default (ProcessorMixin's convention), saved with the tokenizer.
+    assert "max_length" not in config
+    assert json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["max_length"] == 24
     assert config["auto_map"]["AutoProcessor"] == "processing_entityclip.EntityCLIPProcessor"
     assert (tmp_path / "saved" / "processing_entityclip.py").is_file()
 
     loaded = EntityCLIPProcessor.from_pretrained(tmp_path / "saved")
-    assert (loaded.max_length, loaded.explanation_max_length) == (24, 40)
+    assert (loaded.max_length, loaded.explanation_max_length, loaded.max_image_pixels) == (24, 40, 4_000_000)
     assert tuple(loaded.background_color) == (0, 128, 255)
     assert loaded.image_processor.to_dict() == processor.image_processor.to_dict()
     assert loaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
@@ -429,7 +549,12 @@ def test_processor_file_runs_alone_with_trust_remote_code(tiny_tokenizer, tmp_pa
         result = {{key: value.tolist() for key, value in out.items()}}
         result["class"] = type(processor).__name__
         result["module"] = type(processor).__module__
-        result["options"] = [processor.max_length, processor.explanation_max_length, list(processor.background_color)]
+        result["options"] = [
+            processor.max_length,
+            processor.explanation_max_length,
+            list(processor.background_color),
+            processor.max_image_pixels,
+        ]
         print(json.dumps(result))
         """
     )
@@ -440,7 +565,7 @@ def test_processor_file_runs_alone_with_trust_remote_code(tiny_tokenizer, tmp_pa
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     assert result["class"] == "EntityCLIPProcessor"
     assert result["module"].startswith("transformers_modules.")
-    assert result["options"] == [24, 40, [0, 128, 255]]
+    assert result["options"] == [24, 40, [0, 128, 255], 4_000_000]
     for key in ALL_KEYS:
         assert np.array_equal(np.asarray(result[key], dtype=expected[key].dtype), expected[key]), key
 
@@ -452,6 +577,7 @@ def test_auto_processor_round_trip_without_remote_code(tiny_tokenizer, tmp_path)
     loaded = AutoProcessor.from_pretrained(tmp_path / "saved")
     assert type(loaded) is entityclip_hf.processing_entityclip.EntityCLIPProcessor
     assert (loaded.max_length, loaded.explanation_max_length, tuple(loaded.background_color)) == (24, 40, (0, 128, 255))
+    assert loaded.max_image_pixels == 4_000_000
     batch = _mixed_batch(tmp_path)
     expected, actual = processor(**batch), loaded(**batch)
     for key in ALL_KEYS:

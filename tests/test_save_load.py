@@ -40,7 +40,13 @@ def test_save_pretrained_writes_safetensors_auto_map_and_code(model, tmp_path):
     assert "model.safetensors" in files
     assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in files)
     # The code files that trust_remote_code users need, found through the relative imports.
-    assert {"configuration_entityclip.py", "modeling_entityclip.py", "modeling_experts.py", "losses.py"} <= files
+    assert {
+        "configuration_entityclip.py",
+        "modeling_entityclip.py",
+        "modeling_experts.py",
+        "modeling_checks.py",
+        "losses.py",
+    } <= files
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "entityclip"
     assert config["auto_map"] == {

@@ -14,7 +14,7 @@ import PIL.Image
 from .collator import lazy_images
 from .formats import FORMATS
 from .loading import IMAGE_CHECKS, load_entity_dataset
-from .report import DataError
+from .report import DataError, one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Load, print the report and one row per split. Exit 1 on a strict-mode data error, 2 on a layout error."""
-    args = build_parser().parse_args(argv)
+    """Load, print the report and one row per split. Exit 1 on a strict-mode data error, 2 on a user error (a layout,
+    an unreadable file, a bad argument: one line, argparse style)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.num_proc is not None and args.num_proc < 1:
+        parser.error("--num-proc must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     explanations = args.explanations
     if explanations == ["auto"]:
@@ -63,12 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             explanation_prompt_version=args.explanation_prompt_version,
             return_report=True,
         )
-    except DataError as error:
+    except DataError as error:  # --strict: the report is the message
         _write_report(args.report_json, error.report)
-        print(error, file=sys.stderr)
+        print(f"entityclip-data: error: {error}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"entityclip-data: {error}", file=sys.stderr)
+    except (OSError, ValueError) as error:  # a layout, a file that cannot be read, a bad argument: one line
+        print(f"entityclip-data: error: {one_line(error)}", file=sys.stderr)
         return 2
     _write_report(args.report_json, report)
     print(dataset)

@@ -140,7 +140,7 @@ class EntityCLIPCollator:
             images=images,
             text=texts,
             explanations=explanations,
-            padding="longest",
+            # No padding argument: the processor pads to the longest sample unless the saved tokenizer says otherwise.
             max_length=self.max_length,
             explanation_max_length=self.explanation_max_length,
             return_tensors="pt",

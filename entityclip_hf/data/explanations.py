@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..explain import read_explanation_cache
-from .formats import EntityFormat, normalise_key
+from .formats import EntityFormat, normalise_key, read_utf8_file
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +34,21 @@ def clean_explanation(value: str | None) -> str | None:
     return value
 
 
+# An index entry for a path tail that keys with different explanations end with: it joins no row.
+_AMBIGUOUS = ()
+
+
 class ReleasedExplanations:
-    """A released explanation file: image key -> explanation, matched by path tail."""
+    """A released explanation file: image key -> explanation, matched by path tail.
+
+    `lookup` returns `(explanation, problem)`: problem says why an entry that could have matched was not joined (an
+    ambiguous key); `unused()` lists the entries no lookup took.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:
-            with self.path.open(encoding="utf-8") as handle:
-                data = json.load(handle)
+            data = json.loads(read_utf8_file(self.path))
         except json.JSONDecodeError as error:
             raise ValueError(f"{self.path}: not valid JSON ({error})") from None
         if not isinstance(data, dict):
@@ -62,43 +69,62 @@ class ReleasedExplanations:
             logger.warning(
                 "%s: %d entries are not text and are ignored (e.g. %s)", self.path, len(not_text), not_text[:3]
             )
-        self._by_depth: dict[int, dict[str, str | None]] = {}
-        self._bare: dict[str, str] | None = None
+        self._by_depth: dict[int, dict[str, tuple[str, ...]]] = {}
+        self._used: set[str] = set()
 
     def __str__(self) -> str:
         return str(self.path)
 
-    def _index(self, depth: int) -> dict[str, str | None]:
-        # Built on first use, one per path depth the rows need (N24News: 1; VisualNews: 4), to keep memory flat.
-        # A tail shared by keys with different explanations maps to None: VisualNews reuses file names (501.jpg) in
-        # every folder, and matching such a name would hand a row another image's explanation.
+    def _index(self, depth: int) -> dict[str, tuple[str, ...]]:
+        # Built on first use, one per path depth the rows need (N24News: 1; VisualNews: 4), to keep memory flat:
+        # tail -> the keys ending with it. A tail shared by keys with different explanations maps to _AMBIGUOUS:
+        # VisualNews reuses file names (501.jpg) in every folder, and matching such a name would hand a row another
+        # image's explanation.
         if depth not in self._by_depth:
-            index: dict[str, str | None] = {}
+            index: dict[str, tuple[str, ...]] = {}
             for key, explanation in self._entries.items():
                 parts = key.split("/")
                 if len(parts) >= depth:
                     tail = "/".join(parts[-depth:])
-                    index[tail] = explanation if index.get(tail, explanation) == explanation else None
+                    keys = index.get(tail)
+                    if keys is None:
+                        index[tail] = (key,)
+                    elif keys is not _AMBIGUOUS:
+                        same = self._entries[keys[0]] == explanation
+                        index[tail] = (*keys, key) if same else _AMBIGUOUS
             self._by_depth[depth] = index
         return self._by_depth[depth]
 
-    def lookup(self, image_key: str, raw_text: str, text: str) -> str | None:
-        """The explanation of the key ending with the row's image path (relative to the image folder).
+    def lookup(
+        self, image_key: str, raw_text: str, text: str, name_shared_by: int = 1
+    ) -> tuple[str | None, str | None]:
+        """The explanation of the key ending with the row's image path (relative to the image folder), and why an
+        entry that could match was not taken.
 
         A row in a subfolder (VisualNews: `bbc/images/0001/501.jpg`) also matches a key that is a bare file name
-        (`501.jpg`, as JSON-lines users may write), but never another folder's key with the same file name: VisualNews
-        reuses names like `501.jpg` in every folder. A tail shared by keys with different explanations matches none.
+        (`501.jpg`, as JSON-lines users may write), unless `name_shared_by` (the number of the dataset's images
+        with that file name) is above 1: the bare name then names none of them, and joins none. A tail shared by keys
+        with different explanations matches none either.
         """
         parts = normalise_key(image_key).split("/")
-        explanation = self._index(len(parts)).get("/".join(parts))
-        if explanation is None and len(parts) > 1:
-            explanation = self._bare_names().get(parts[-1])
-        return explanation
+        tail = "/".join(parts)
+        keys = self._index(len(parts)).get(tail)
+        if keys is _AMBIGUOUS:
+            return None, f"{self.path}: keys with different explanations end with {tail!r}"
+        if keys:
+            self._used.update(keys)
+            return self._entries[keys[0]], None
+        name = parts[-1]
+        if len(parts) > 1 and name in self._entries:  # a bare-name key: no "/" in it
+            if name_shared_by > 1:
+                return None, f"{self.path}: key {name!r} names no folder, and {name_shared_by} images are called so"
+            self._used.add(name)
+            return self._entries[name], None
+        return None, None
 
-    def _bare_names(self) -> dict[str, str]:
-        if self._bare is None:
-            self._bare = {key: explanation for key, explanation in self._entries.items() if "/" not in key}
-        return self._bare
+    def unused(self) -> list[str]:
+        """The keys (normalised) of the entries no row took, in file order."""
+        return [key for key in self._entries if key not in self._used]
 
 
 class CachedExplanations:
@@ -113,13 +139,24 @@ class CachedExplanations:
             ).items()
             if clean_explanation(explanation) is not None
         }
+        self._used: set[str] = set()
 
     def __str__(self) -> str:
         return str(self.path)
 
-    def lookup(self, image_key: str, raw_text: str, text: str) -> str | None:
-        explanation = self._entries.get(raw_text)
-        return explanation if explanation is not None else self._entries.get(text)
+    def lookup(
+        self, image_key: str, raw_text: str, text: str, name_shared_by: int = 1
+    ) -> tuple[str | None, str | None]:
+        for candidate in (raw_text, text):
+            explanation = self._entries.get(candidate)
+            if explanation is not None:
+                self._used.add(candidate)
+                return explanation, None
+        return None, None
+
+    def unused(self) -> list[str]:
+        """The texts of the entries no row took, in file order."""
+        return [text for text in self._entries if text not in self._used]
 
 
 ExplanationSource = ReleasedExplanations | CachedExplanations
@@ -130,11 +167,11 @@ def _is_cache_file(path: Path) -> bool:
         return True
     # A cache under another name: its first line is one cache record. Only the start is read (released files are
     # hundreds of MB, often on one line).
-    with path.open(encoding="utf-8") as handle:
+    with path.open("rb") as handle:
         first_line = handle.readline(1 << 16)
     try:
-        record = json.loads(first_line)
-    except json.JSONDecodeError:
+        record = json.loads(first_line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):  # not a cache; a released file with bad bytes says so itself
         return False
     return isinstance(record, dict) and {"text", "ok"} <= record.keys()
 
@@ -149,6 +186,13 @@ class ExplanationSources:
         self.prompt_version = prompt_version
         self._shared_sources: list[ExplanationSource] | None = None
 
+    def share_all(self) -> None:
+        """Apply every split's files to every split (a release split by another rule than the files')."""
+        per_split_files = [path for paths in self.per_split.values() for path in paths]
+        self.shared = list(dict.fromkeys(per_split_files + self.shared))
+        self.per_split = {split: [] for split in self.per_split}
+        self._shared_sources = None
+
     def describe(self) -> list[str]:
         files = [str(path) for paths in self.per_split.values() for path in paths] + [str(path) for path in self.shared]
         return list(dict.fromkeys(files))
@@ -158,11 +202,19 @@ class ExplanationSources:
             return CachedExplanations(path, self.model, self.prompt_version)
         return ReleasedExplanations(path)
 
-    def for_split(self, split: str) -> list[ExplanationSource]:
-        """Sources tried in order for the rows of `split`: its own released files first, then the shared files."""
+    def split_sources(self, split: str) -> list[ExplanationSource]:
+        """The files of `split` only (its released files), opened anew: done with once the split is joined."""
+        return [self._open(path) for path in self.per_split.get(split, [])]
+
+    def shared_sources(self) -> list[ExplanationSource]:
+        """The files that apply to every split, opened once."""
         if self._shared_sources is None:
             self._shared_sources = [self._open(path) for path in self.shared]
-        return [self._open(path) for path in self.per_split.get(split, [])] + self._shared_sources
+        return self._shared_sources
+
+    def for_split(self, split: str) -> list[ExplanationSource]:
+        """Sources tried in order for the rows of `split`: its own released files first, then the shared files."""
+        return self.split_sources(split) + self.shared_sources()
 
 
 def resolve_explanations(

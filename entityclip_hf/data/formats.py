@@ -7,6 +7,8 @@ Nothing here opens images or decides what to keep: that is `loading.py`'s job.
 
 from __future__ import annotations
 
+import codecs
+import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
@@ -91,11 +93,50 @@ def _id_value(record: dict, name: str, default: str | None) -> str:
     return str(value)
 
 
+def utf8_error(path: str | os.PathLike, data: bytes, error: UnicodeDecodeError, offset: int | None = None) -> str:
+    """Where and why `data` (read from `path`) is not UTF-8, in words. `offset`: the file offset of `data`'s first
+    byte, when `data` is a part of the file (a line); None when it is the whole file (the line is named too)."""
+    if offset is None:
+        line = data.count(b"\n", 0, error.start) + 1
+        where = f"byte offset {error.start} (line {line})"
+    else:
+        where = f"byte offset {offset + error.start}"
+    bad = data[error.start : error.end]
+    return f"{path}: not UTF-8 text at {where}: bytes {bad!r} ({error.reason}); re-save the file as UTF-8"
+
+
+def read_utf8_file(path: str | os.PathLike) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped); bad bytes raise a ValueError naming the file
+    and the byte offset, not a bare UnicodeDecodeError."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(utf8_error(path, data, error)) from None
+    return text.removeprefix("\ufeff")
+
+
+def first_utf8_error(path: str | os.PathLike, block_size: int = 1 << 20) -> str | None:
+    """Where the file at `path` stops being UTF-8 (see `utf8_error`), or None; read in blocks, for large files."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # of the next block in the file
+    with open(path, "rb") as handle:
+        while True:
+            block = handle.read(block_size)
+            pending = len(decoder.getstate()[0])  # the start of a character cut by the end of the last block
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as error:  # error.object: the pending bytes + this block
+                return utf8_error(path, error.object, error, offset=offset - pending)
+            if not block:
+                return None
+            offset += len(block)
+
+
 def read_json_records(path: Path) -> Iterator[tuple[str, str | None, Any]]:
     """(where, key, record) for a JSON file holding a list of records (key None) or an object of records."""
     try:
-        with path.open(encoding="utf-8") as handle:
-            data = json.load(handle)
+        data = json.loads(read_utf8_file(path))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     if isinstance(data, list):
@@ -103,6 +144,19 @@ def read_json_records(path: Path) -> Iterator[tuple[str, str | None, Any]]:
     if isinstance(data, dict):
         return ((str(key), str(key), record) for key, record in data.items())
     raise ValueError(f"{path}: expected a list of records or an object of records, got {type(data).__name__}")
+
+
+def hashed_split(sample_id: str, test_percent: float, validation_percent: float) -> str:
+    """The split of a sample of a release without split files: a fixed function of its id alone, so the same on
+    every machine, for any order or subset of the file, and unchanged when rows are added (blake2b of the id, in
+    buckets of 0.01%: the first `test_percent` % of buckets are test, the next `validation_percent` % validation)."""
+    digest = hashlib.blake2b(sample_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    bucket = int.from_bytes(digest, "big") % 10000
+    if bucket < round(test_percent * 100):
+        return "test"
+    if bucket < round((test_percent + validation_percent) * 100):
+        return "validation"
+    return "train"
 
 
 class EntityFormat(ABC):
@@ -120,6 +174,21 @@ class EntityFormat(ABC):
     metadata_columns: tuple[str, ...] = ()
     # The field holding a record's id (JSON formats), to name bad records.
     id_field: str = "id"
+    # A release as one file of every record, without split files (relative to the root, the usual name first), and
+    # the test and validation shares (percent) of the `hashed_split` rule that splits it.
+    full_file_names: tuple[str, ...] = ()
+    full_file_split: tuple[float, float] = (5.0, 5.0)
+
+    def find_full_file(self, root: Path) -> Path | None:
+        """The one-file release in `root`, if the format has one and it is there."""
+        return next((root / name for name in self.full_file_names if (root / name).is_file()), None)
+
+    def split_rule(self) -> str:
+        test, validation = self.full_file_split
+        return (
+            f"no split files: each record's split is hashed from its id (blake2b; {100 - test - validation:g}% "
+            f"train, {validation:g}% validation, {test:g}% test), the same on every machine"
+        )
 
     def split_names(self, split: str) -> tuple[str, ...]:
         return self.validation_names if split == "validation" else (split,)
@@ -178,23 +247,35 @@ class N24NewsFormat(EntityFormat):
     layout = """N24News/
   news/nytimes_train.json, news/nytimes_dev.json, news/nytimes_test.json
   imgs/<image_id>.jpg
-  news/CapDsc_mistral_{train,dev,test}.json   (optional: released explanations)"""
+  news/CapDsc_mistral_{train,dev,test}.json   (optional: released explanations)
+or, as N24News' own build script writes it (split by a hash of image_id, 80/10/10):
+  nytimes_dataset_full.json                   (every record; or news/nytimes_dataset_full.json)
+  images/<image_id>.jpg"""
     validation_names = ("dev", "val", "validation", "valid")
     explanation_dirs = ("news", "")
     metadata_columns = ("section", "headline")
     id_field = "image_id"
 
+    # What N24News' own build script writes: every record in one file, images in images/.
+    full_file_names = ("nytimes_dataset_full.json", "news/nytimes_dataset_full.json", "news/nytimes.json")
+    full_file_split = (10.0, 10.0)  # the proportions of the script's own (unseeded) 80/10/10 shuffle
+
     def split_file_candidates(self, root, split):
         return [root / "news" / f"nytimes_{name}.json" for name in self.split_names(split)]
 
+    def image_dir(self, root: Path) -> Path:
+        for name in ("imgs", "images"):
+            if (root / name).is_dir():
+                return root / name
+        raise FileNotFoundError(f"n24news: no image folder imgs/ or images/ in {root}. Expected layout:\n{self.layout}")
+
     def prepare_root(self, root):
         root = super().prepare_root(root)
-        if not (root / "imgs").is_dir():
-            raise FileNotFoundError(f"n24news: no image folder {root / 'imgs'}. Expected layout:\n{self.layout}")
+        self.image_dir(root)
         return root
 
     def read_split(self, root, path, split):
-        image_dir = str(root / "imgs")
+        image_dir = str(self.image_dir(root))
 
         def read_one(record_key, record):
             # An object of records may key them by image id instead of repeating it.
@@ -216,21 +297,32 @@ class VisualNewsFormat(EntityFormat):
     layout = """VisualNews/
   train.json, val.json, test.json            (records with id, caption, topic, source, image_path)
   images/<source>/images/<folder>/<n>.jpg    (image_path is relative to images/, like ./washington_post/images/0376/501.jpg)
-  CapDsc_mistral_{train,val,test}.json       (optional: released explanations)"""
+  CapDsc_mistral_{train,val,test}.json       (optional: released explanations)
+or the official release (split by a hash of id, 90/5/5):
+  origin/data.json                           (every record; image_path relative to origin/)
+  origin/<source>/images/<folder>/<n>.jpg"""
     validation_names = ("val", "dev", "validation", "valid")
     metadata_columns = ("topic", "source")
+
+    # The official release: origin/data.json holds every record; image_path is relative to origin/.
+    full_file_names = ("origin/data.json",)
+    full_file_split = (5.0, 5.0)
 
     def split_file_candidates(self, root, split):
         return [root / f"{name}.json" for name in self.split_names(split)]
 
     def prepare_root(self, root):
         root = super().prepare_root(root)
-        if not (root / "images").is_dir():
-            raise FileNotFoundError(f"visualnews: no image folder {root / 'images'}. Expected layout:\n{self.layout}")
+        if not (root / "images").is_dir() and self.find_full_file(root) is None:
+            raise FileNotFoundError(
+                f"visualnews: no image folder {root / 'images'} and no {root / 'origin' / 'data.json'}. "
+                f"Expected layout:\n{self.layout}"
+            )
         return root
 
     def read_split(self, root, path, split):
-        image_dir = str(root / "images")
+        # The official release's image paths are relative to origin/, beside data.json.
+        image_dir = str(path.parent if path == self.find_full_file(root) else root / "images")
 
         def read_one(record_key, record):
             key = normalise_key(_string_field(record, "image_path"))
@@ -278,9 +370,9 @@ class GoodNewsFormat(EntityFormat):
         path = root / "broken_images.txt"
         if not path.is_file():
             return set()
-        with path.open(encoding="utf-8") as handle:
-            # Entries may carry a folder; the image names are what records refer to.
-            return {os.path.basename(normalise_key(line.strip())) for line in handle if line.strip()}
+        # Entries may carry a folder; the image names are what records refer to.
+        lines = read_utf8_file(path).splitlines()
+        return {os.path.basename(normalise_key(line.strip())) for line in lines if line.strip()}
 
     def read_split(self, root, path, split):
         image_dir = str(self.image_dir(root))
@@ -312,15 +404,22 @@ class JsonLinesFormat(EntityFormat):
         return [root / f"{name}.jsonl" for name in self.split_names(split)]
 
     def read_split(self, root, path, split):
-        with path.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
+        # Bytes, split on b"\n" only: a line with bad bytes or bad JSON is one bad record, never the end of the load.
+        with path.open("rb") as handle:
+            offset = 0
+            for line_number, raw in enumerate(handle, start=1):
+                line_offset, offset = offset, offset + len(raw)
+                if not raw.strip():
                     continue
                 where = f"{split}-{line_number}"
                 try:
-                    record = json.loads(line)
+                    record = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
+                except UnicodeDecodeError as error:
+                    problem = utf8_error(path, raw, error, offset=line_offset)
+                    yield BadRecord(where, f"line {line_number}: {problem}")
+                    continue
                 except json.JSONDecodeError as error:
-                    yield BadRecord(where, f"line {line_number} is not valid JSON ({error.msg})")
+                    yield BadRecord(where, f"{path} line {line_number} is not valid JSON ({error.msg})")
                     continue
                 if not isinstance(record, dict):
                     yield BadRecord(where, f"line {line_number} is {type(record).__name__}, not an object")
@@ -386,6 +485,9 @@ __all__ = [
     "EntityFormat",
     "Record",
     "canonical_split",
+    "first_utf8_error",
     "get_format",
+    "hashed_split",
     "normalise_key",
+    "read_utf8_file",
 ]

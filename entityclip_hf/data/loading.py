@@ -26,8 +26,8 @@ import datasets
 from PIL import Image
 
 from .explanations import clean_explanation, resolve_explanations
-from .formats import SPLITS, BadRecord, EntityFormat, canonical_split, get_format
-from .report import DataError, DataReport, SplitReport
+from .formats import SPLITS, BadRecord, EntityFormat, canonical_split, get_format, hashed_split, normalise_key
+from .report import DataError, DataReport, Issue, SplitReport
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +74,54 @@ def _stat_images(paths: list[str], split: str) -> list[tuple[int, int] | str]:
 
 # How far from its end a JPEG's end-of-image marker may sit (some writers append a few bytes after it).
 _JPEG_TAIL_BYTES = 4096
+# Markers that stand alone, without a length field: TEM and the restart markers RST0-RST7.
+_JPEG_STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xD8)])
+
+
+def _jpeg_main_scan_offset(handle) -> int | None:
+    """Where the main image's first start-of-scan (SOS) marker ends, or None when the marker segments do not lead
+    to one (a file cut short before its scan, or a damaged header).
+
+    The segments before the scan are skipped by their length fields: an EXIF (APP1) or Photoshop (APP13) thumbnail
+    is a whole JPEG inside such a segment, and its own markers, end-of-image included, must not be taken for the
+    main image's.
+    """
+    handle.seek(0)
+    if handle.read(2) != b"\xff\xd8":
+        return None
+    while True:
+        if handle.read(1) != b"\xff":
+            return None  # every segment starts with 0xFF: the header is damaged
+        marker = handle.read(1)
+        while marker == b"\xff":  # fill bytes before a marker are allowed
+            marker = handle.read(1)
+        if not marker:
+            return None
+        code = marker[0]
+        if code == 0xDA:
+            return handle.tell()
+        if code in _JPEG_STANDALONE_MARKERS:
+            continue
+        if code == 0xD9:
+            return None  # an end of image before any scan: no main image
+        length = handle.read(2)
+        if len(length) < 2 or int.from_bytes(length, "big") < 2:
+            return None
+        handle.seek(int.from_bytes(length, "big") - 2, os.SEEK_CUR)
 
 
 def _jpeg_has_end_marker(path: str) -> bool:
+    """True when an end-of-image marker follows the main image's start of scan, near the end of the file.
+
+    In the entropy-coded data after the scan a 0xFF byte is always followed by 0x00 or a restart marker, so a
+    0xFF 0xD9 found there is an end of image: the main image's, not an embedded thumbnail's.
+    """
     with open(path, "rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        handle.seek(max(0, handle.tell() - _JPEG_TAIL_BYTES))
+        scan_offset = _jpeg_main_scan_offset(handle)
+        if scan_offset is None:
+            return False
+        size = handle.seek(0, os.SEEK_END)
+        handle.seek(max(scan_offset, size - _JPEG_TAIL_BYTES))
         return b"\xff\xd9" in handle.read()
 
 
@@ -87,7 +129,8 @@ def image_error(path: str, mode: str) -> str | None:
     """Why the image file at `path` cannot be used, or None. `mode`: "header" (open + verify) or "decode".
 
     "header" also catches the most common damage, a JPEG cut short (an interrupted download or copy): PIL's verify
-    reads only a JPEG's headers, so a JPEG without its end-of-image marker near the end is decoded to decide.
+    reads only a JPEG's headers, so a JPEG without an end-of-image marker near its end, after the main image's start
+    of scan, is decoded to decide.
     """
     try:
         with Image.open(path) as image:
@@ -134,13 +177,29 @@ def _fingerprint(header: list[str], rows: Iterable[tuple[str | None, ...]], stat
 
 
 def _read_split(
-    fmt: EntityFormat, root: Path, split: str, path: Path, sources, broken: set[str], split_report: SplitReport, limit
+    fmt: EntityFormat,
+    root: Path,
+    split: str,
+    path: Path,
+    broken: set[str],
+    split_report: SplitReport,
+    limit: int,
+    hashed: bool = False,
 ):
-    """Steps 1-3: the rows of one split whose record, text and image file are usable, as columns + image stats."""
-    rows: dict[str, list] = {"id": [], "image": [], "text": [], "explanation": [], "metadata": []}
+    """Steps 1 and 3: the rows of one split whose record, text and image file are usable, as columns + image stats.
+
+    Rows keep their own explanation (JSON lines); the explanation files are joined later, once every split is read.
+    `hashed`: `path` is a one-file release, of which this split takes the records `hashed_split` assigns to it.
+    """
+    test_percent, validation_percent = fmt.full_file_split
+    rows: dict[str, list] = {
+        "id": [], "image": [], "text": [], "explanation": [], "metadata": [], "image_key": [], "raw_text": []
+    }  # fmt: skip
     seen_ids: set[str] = set()
     issues = split_report.issues
     for record in fmt.read_split(root, path, split):
+        if hashed and hashed_split(record.id, test_percent, validation_percent) != split:
+            continue
         split_report.rows_read += 1
         if isinstance(record, BadRecord):
             issues["bad_record"].add(record.id, record.reason, limit)
@@ -155,16 +214,13 @@ def _read_split(
         if record.id in seen_ids:
             issues["duplicate_id"].add(record.id, "", limit)
         seen_ids.add(record.id)
-        explanation = clean_explanation(record.explanation)
-        for source in sources:
-            if explanation is not None:
-                break
-            explanation = source.lookup(record.image_key, record.raw_text, text)
         rows["id"].append(record.id)
         rows["image"].append(record.image_path)
         rows["text"].append(text)
-        rows["explanation"].append(explanation)
+        rows["explanation"].append(clean_explanation(record.explanation))
         rows["metadata"].append(record.metadata)
+        rows["image_key"].append(normalise_key(record.image_key))
+        rows["raw_text"].append(record.raw_text)
 
     stats = _stat_images(rows["image"], split)
     present = [index for index, info in enumerate(stats) if isinstance(info, tuple)]
@@ -175,6 +231,66 @@ def _read_split(
         rows = {name: [values[index] for index in present] for name, values in rows.items()}
         stats = [stats[index] for index in present]
     return rows, stats
+
+
+def _images_per_file_name(read: dict[str, tuple[dict[str, list], list]]) -> dict[str, int]:
+    """File name -> how many distinct images (image keys) of the loaded splits have it, for names shared by several:
+    a bare-name explanation key (`1.jpg`) names none of `agency_a/1.jpg` and `agency_b/1.jpg`."""
+    first_key: dict[str, str] = {}
+    shared: dict[str, set[str]] = {}
+    for rows, _ in read.values():
+        for key in rows["image_key"]:
+            name = key.rsplit("/", 1)[-1]
+            known = first_key.setdefault(name, key)
+            if known != key:
+                shared.setdefault(name, {known}).add(key)
+    return {name: len(keys) for name, keys in shared.items()}
+
+
+def _join_explanations(rows: dict[str, list], sources, images_per_name: dict[str, int], issues, limit) -> None:
+    """Step 2: each row without its own explanation takes the first source's; ambiguous keys are reported."""
+    if not sources:
+        return
+    explanations = rows["explanation"]
+    for index, explanation in enumerate(explanations):
+        if explanation is not None:
+            continue
+        key = rows["image_key"][index]
+        name_shared_by = images_per_name.get(key.rsplit("/", 1)[-1], 1)
+        problems = []
+        for source in sources:
+            explanation, problem = source.lookup(key, rows["raw_text"][index], rows["text"][index], name_shared_by)
+            if explanation is not None:
+                break
+            if problem is not None:
+                problems.append(problem)
+        explanations[index] = explanation
+        if explanation is None and problems:
+            issues["ambiguous_explanation"].add(rows["id"][index], "; ".join(problems), limit)
+
+
+def _report_unused(report: DataReport, sources, limit: int) -> None:
+    for source in sources:
+        unused = source.unused()
+        if unused:
+            issue = report.unused_explanations.setdefault(str(source), Issue())
+            for key in unused:
+                issue.add(key if len(key) <= 80 else key[:77] + "...", "", limit)
+
+
+def _report_shared_images(report: DataReport, read: dict[str, tuple[dict[str, list], list]], limit: int) -> None:
+    """Rows of a later split (validation, test) whose image file an earlier split also uses: a leak."""
+    splits = [split for split in SPLITS if split in read]
+    for position, first in enumerate(splits):
+        first_images = set(read[first][0]["image"])
+        for second in splits[position + 1 :]:
+            rows = read[second][0]
+            issue = Issue()
+            for sample_id, image in zip(rows["id"], rows["image"], strict=True):
+                if image in first_images:
+                    issue.add(sample_id, image, limit)
+            if issue.count:
+                report.shared_images[f"{first}/{second}"] = issue
 
 
 def _build_split(
@@ -290,6 +406,10 @@ def load_entity_dataset(
     wanted = list(dict.fromkeys(canonical_split(split) for split in splits)) if splits is not None else list(SPLITS)
     split_files = {split: fmt.find_split_file(root, split) for split in wanted}
     missing = [split for split, path in split_files.items() if path is None]
+    # A one-file release (no split file at all) is split by a hash of each record's id.
+    full_file = fmt.find_full_file(root) if len(missing) == len(wanted) else None
+    if full_file is not None:
+        split_files, missing = dict.fromkeys(wanted, full_file), []
     # Asked-for splits must exist; by default, any split may be absent but not all of them.
     if (splits is not None and missing) or len(missing) == len(wanted):
         expected = ", ".join(str(path) for split in missing for path in fmt.split_file_candidates(root, split))
@@ -299,19 +419,42 @@ def load_entity_dataset(
         )
     split_files = {split: path for split, path in split_files.items() if path is not None}
 
+    # Released per-split files follow the authors' split, not the hashed one: with a one-file release, the files of
+    # every split apply to every split.
     sources = resolve_explanations(
-        fmt, root, list(split_files), explanations, model=explanation_model, prompt_version=explanation_prompt_version
+        fmt,
+        root,
+        list(SPLITS) if full_file is not None else list(split_files),
+        explanations,
+        model=explanation_model,
+        prompt_version=explanation_prompt_version,
     )
+    if full_file is not None:
+        sources.share_all()
     report = DataReport(
-        dataset=fmt.name, root=str(root), image_check=check_images, explanation_sources=sources.describe()
+        dataset=fmt.name,
+        root=str(root),
+        image_check=check_images,
+        explanation_sources=sources.describe(),
+        split_rule=fmt.split_rule() if full_file is not None else None,
     )
     broken = fmt.broken_images(root)
     read: dict[str, tuple[dict[str, list], list]] = {}
     for split, path in split_files.items():
         report.splits[split] = SplitReport(split=split, source=str(path))
         read[split] = _read_split(
-            fmt, root, split, path, sources.for_split(split), broken, report.splits[split], max_examples
+            fmt, root, split, path, broken, report.splits[split], max_examples, hashed=full_file is not None
         )
+    images_per_name = _images_per_file_name(read)
+    for split, (rows, _) in read.items():
+        # A split's own released files are opened for its rows only (they can be large), then let go.
+        split_sources = sources.split_sources(split)
+        _join_explanations(
+            rows, split_sources + sources.shared_sources(), images_per_name, report.splits[split].issues, max_examples
+        )
+        _report_unused(report, split_sources, max_examples)
+    _report_unused(report, sources.shared_sources(), max_examples)
+    _report_shared_images(report, read, max_examples)
     # The same metadata columns in every split, in order of first appearance (JSON lines may differ per split).
     metadata_columns = list(fmt.metadata_columns)
     for rows, _ in read.values():

@@ -10,7 +10,7 @@ from typing import Any
 # is counted once, under the first problem found.
 EXCLUDED_PROBLEMS = ("bad_record", "empty_text", "broken_image", "missing_image", "corrupt_image")
 # Problems reported but kept: the pair is still usable.
-KEPT_PROBLEMS = ("duplicate_id", "missing_explanation")
+KEPT_PROBLEMS = ("duplicate_id", "missing_explanation", "ambiguous_explanation")
 # What `strict=True` turns into an error. Not `broken_image` (GoodNews' own list of images to skip: leaving them
 # out is the dataset's documented behaviour) nor `missing_explanation` (explanations are optional by design).
 STRICT_PROBLEMS = ("bad_record", "empty_text", "missing_image", "corrupt_image", "duplicate_id")
@@ -23,7 +23,18 @@ PROBLEM_LABELS = {
     "corrupt_image": "unreadable image file",
     "duplicate_id": "duplicate id",
     "missing_explanation": "no explanation",
+    "ambiguous_explanation": "explanation key matching several images or explanations (joined to none)",
 }
+
+
+def one_line(message: object) -> str:
+    """An error message on one line, for the command lines: a multi-line message (an expected folder layout) has its
+    lines joined with "; " (with a space only after a line ending in ":")."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    for previous, line in zip(lines, lines[1:], strict=False):  # pairs of neighbours
+        text += (" " if previous.endswith(":") else "; ") + line
+    return text
 
 
 class DataError(ValueError):
@@ -34,6 +45,11 @@ class DataError(ValueError):
         super().__init__(
             "bad data (strict=True; pass strict=False to exclude bad rows and continue):\n" + report.summary()
         )
+
+
+def _examples(issue: Issue) -> str:
+    shown = "; ".join(f"{name} ({detail})" if detail else name for name, detail in issue.examples)
+    return shown + (", ..." if issue.count > len(issue.examples) else "")
 
 
 @dataclass
@@ -79,6 +95,13 @@ class DataReport:
     image_check: str
     explanation_sources: list[str] = field(default_factory=list)
     splits: dict[str, SplitReport] = field(default_factory=dict)
+    # How the splits were made when the dataset has no split files (a one-file release), else None.
+    split_rule: str | None = None
+    # Per explanation file: how many of its entries no row took, and the first keys (or texts, for caches).
+    unused_explanations: dict[str, Issue] = field(default_factory=dict)
+    # Per pair of splits ("train/test"): rows of the later split whose image file the earlier split also uses
+    # (as (id, image path)): the model would be evaluated on images it was trained on.
+    shared_images: dict[str, Issue] = field(default_factory=dict)
 
     def count(self, problem: str) -> int:
         return sum(split.count(problem) for split in self.splits.values())
@@ -89,13 +112,19 @@ class DataReport:
 
     @property
     def has_problems(self) -> bool:
-        return any(self.count(problem) for problem in PROBLEM_LABELS)
+        return (
+            any(self.count(problem) for problem in PROBLEM_LABELS)
+            or any(issue.count for issue in self.unused_explanations.values())
+            or any(issue.count for issue in self.shared_images.values())
+        )
 
     def summary(self) -> str:
         sources = ", ".join(self.explanation_sources) if self.explanation_sources else "none"
         lines = [
             f"{self.dataset} at {self.root} (image check: {self.image_check}; explanations: {sources})",
         ]
+        if self.split_rule:
+            lines.append(f"  splits: {self.split_rule}")
         for split in self.splits.values():
             lines.append(f"  {split.split}: {split.rows_kept} kept of {split.rows_read} rows read from {split.source}")
             for problem in EXCLUDED_PROBLEMS + KEPT_PROBLEMS:
@@ -103,11 +132,16 @@ class DataReport:
                 if not issue.count:
                     continue
                 action = "excluded" if problem in EXCLUDED_PROBLEMS else "kept"
-                examples = "; ".join(
-                    f"{sample_id} ({detail})" if detail else sample_id for sample_id, detail in issue.examples
+                lines.append(f"    {action}, {PROBLEM_LABELS[problem]}: {issue.count} (e.g. {_examples(issue)})")
+        for pair, issue in self.shared_images.items():
+            if issue.count:
+                first, second = pair.split("/")
+                lines.append(
+                    f"  images shared by {first} and {second}: {issue.count} {second} row(s) (e.g. {_examples(issue)})"
                 )
-                more = ", ..." if issue.count > len(issue.examples) else ""
-                lines.append(f"    {action}, {PROBLEM_LABELS[problem]}: {issue.count} (e.g. {examples}{more})")
+        for source, issue in self.unused_explanations.items():
+            if issue.count:
+                lines.append(f"  explanations no row uses: {issue.count} in {source} (e.g. {_examples(issue)})")
         return "\n".join(lines)
 
     __str__ = summary
@@ -124,4 +158,5 @@ __all__ = [
     "DataReport",
     "Issue",
     "SplitReport",
+    "one_line",
 ]
