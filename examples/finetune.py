@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval_diagnostics",
         default=True,
-        help="also log ITM AUC and the expert loss with shuffled explanations / images (leak indicators)",
+        help="also log ITM AUC and the expert loss with shuffled explanations / images (leak indicators); one process",
         **flag,
     )
     p.add_argument("--resume", nargs="?", const="latest", help="continue from a checkpoint folder, or the latest one")
@@ -381,7 +381,9 @@ def evaluate(model, loader, accelerator, args) -> dict[str, float]:
         for i in range(0, len(image_embeds), args.eval_batch_size)
     ]  # fmt: skip
     metrics["contrastive_loss"] = torch.stack(losses).mean().item()
-    if args.eval_diagnostics:
+    # One process only for now: with 2 gloo processes the diagnostics' extra forwards were seen to hang a run (not
+    # yet understood); multi-process evaluation keeps the retrieval metrics and the contrastive loss.
+    if args.eval_diagnostics and accelerator.num_processes == 1:
         metrics.update(evaluate_diagnostics(model, loader, accelerator))
     return metrics
 
@@ -401,8 +403,8 @@ def evaluate_diagnostics(model, loader, accelerator) -> dict[str, float]:
     probabilities, labels, sums, batches = [], [], {}, 0
     with torch.random.fork_rng(devices=[]):  # negative mining must not move the training run's random state
         for batch in loader:
-            inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-            rows = inputs["input_ids"].shape[0]
+            # The losses all-gather across processes: every process scores the same number of rows, and skips alike.
+            inputs, rows = common_rows(batch, accelerator)
             if rows < 2 or "explanation_input_ids" not in inputs:
                 continue
             output = model(**inputs, return_loss=True)
@@ -420,25 +422,30 @@ def evaluate_diagnostics(model, loader, accelerator) -> dict[str, float]:
                 "expert_contrastive_loss_shuffled_explanations": model(
                     **rolled_explanations, return_loss=True
                 ).expert_contrastive_loss,
-                "expert_contrastive_loss_shuffled_images": model(**rolled_images, return_loss=True).expert_contrastive_loss,
+                "expert_contrastive_loss_shuffled_images": model(
+                    **rolled_images, return_loss=True
+                ).expert_contrastive_loss,
             }
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + float(value)
             batches += 1
     model.train()
-    from accelerate.utils import gather_object
-
     from entityclip_hf.itm_evaluation import roc_auc
 
-    probabilities, labels = gather_object(probabilities), gather_object(labels)
-    counts = gather_object([batches])
-    totals = {name: sum(gather_object([value])) for name, value in sorted(sums.items())}
-    if sum(counts) == 0:
+    # Tensor collectives only (gather of padded rows, sum-reduce): the same calls on every process.
+    device = accelerator.device
+    names = sorted(sums)
+    totals = accelerator.reduce(
+        torch.tensor([sums[n] for n in names] + [batches], device=device, dtype=torch.float64), "sum"
+    )
+    pairs = torch.tensor([probabilities, labels], device=device, dtype=torch.float64).T.reshape(-1, 2)
+    pairs = accelerator.gather(accelerator.pad_across_processes(pairs, dim=0, pad_index=-1)).cpu()
+    pairs = pairs[pairs[:, 1] >= 0]  # padding rows carry label -1
+    if float(totals[-1]) == 0:
         return {}
-    metrics = {name: value / sum(counts) for name, value in totals.items()}
-    positives = [p for p, label in zip(probabilities, labels, strict=True) if label == 0]
-    negatives = [p for p, label in zip(probabilities, labels, strict=True) if label != 0]
-    if positives and negatives:
+    metrics = {name: float(totals[i] / totals[-1]) for i, name in enumerate(names)}
+    positives, negatives = pairs[pairs[:, 1] == 0, 0], pairs[pairs[:, 1] != 0, 0]
+    if len(positives) and len(negatives):
         metrics["itm_auc"] = roc_auc(positives, negatives)
     return metrics
 
