@@ -11,6 +11,7 @@ step.
     python bench/bench_training_step.py --precision bf16          # the same under bf16 autocast
     python bench/bench_training_step.py --gain bf16               # EntityCLIP without / with one speed-up
     python bench/bench_training_step.py --profile --batch-sizes 8 # where an EntityCLIP step spends its time
+    python bench/bench_training_step.py --variant-flops           # FLOPs of the opt-in variants' steps / CLIP's
 """
 
 import argparse
@@ -89,6 +90,20 @@ GAINS = {
 }
 
 
+# `--variant-flops`: the EntityCLIPConfig fields of each opt-in variant (modeling_variants.py).
+VARIANTS = {
+    "paper (defaults)": {},
+    "explanation_contrastive_weight=1": {"explanation_contrastive_weight": 1.0},
+    "expert_loss_reads_candidate_explanation": {"expert_loss_reads_candidate_explanation": True},
+    "itm_cross_attention": {"itm_cross_attention": True},
+    "all three": {
+        "explanation_contrastive_weight": 1.0,
+        "expert_loss_reads_candidate_explanation": True,
+        "itm_cross_attention": True,
+    },
+}
+
+
 def pad_texts(batch: dict[str, torch.Tensor], length: int, pad_token_id: int) -> None:
     """Pad `input_ids` / `attention_mask` to `length` in place, as a processor with padding="max_length" would."""
     extra = length - batch["input_ids"].shape[1]
@@ -100,7 +115,10 @@ def pad_texts(batch: dict[str, torch.Tensor], length: int, pad_token_id: int) ->
 class TrainingStep:
     """One model, its AdamW optimizer and a fixed batch; `step()` runs one full training step."""
 
-    def __init__(self, kind: str, batch_size: int, text_length: int, explanation_length: int, setup: Setup, seed: int):
+    def __init__(
+        self, kind: str, batch_size: int, text_length: int, explanation_length: int, setup: Setup, seed: int,
+        fields: dict | None = None,
+    ):  # fmt: skip
         config = vit_b32_clip_config(setup.attn)
         torch.manual_seed(seed)
         clip = CLIPModel(config)
@@ -110,7 +128,7 @@ class TrainingStep:
         elif kind == "entityclip":
             from entityclip_hf import EntityCLIPConfig, EntityCLIPModel
 
-            self.model = EntityCLIPModel(EntityCLIPConfig(clip_config=config))
+            self.model = EntityCLIPModel(EntityCLIPConfig(clip_config=config, **(fields or {})))
             # The same backbone as the CLIP baseline: its weights, copied.
             self.model.clip.load_state_dict(clip.state_dict())
             del clip
@@ -402,6 +420,31 @@ def gain_report(results: dict[int, dict], matmul_flops: float) -> str:
     return format_table(FIGURE_HEADERS + ["speed-up", "CPU-time speed-up", "memory vs first"], rows)
 
 
+def variant_flops_report(args: argparse.Namespace) -> str:
+    """FLOPs of one training step of each opt-in variant, and their ratio to CLIPModel's step (same batch)."""
+    rows = []
+    for batch_size in args.batch_sizes:
+        clip_step = TrainingStep("clip", batch_size, args.text_length, args.explanation_length, Setup(), args.seed)
+        clip_flops = count_flops(clip_step.step)
+        del clip_step
+        paper_flops = None
+        for name, fields in VARIANTS.items():
+            runner = TrainingStep(
+                "entityclip", batch_size, args.text_length, args.explanation_length, Setup(), args.seed, fields
+            )
+            flops = count_flops(runner.step)
+            paper_flops = paper_flops or flops
+            rows.append([batch_size, name, f"{flops / 1e12:.3f}", f"{flops / clip_flops:.3f}", f"{flops / paper_flops:.3f}"])
+            print(f"batch {batch_size}, {name}: {flops / 1e12:.3f} TFLOP", flush=True)
+            del runner
+    headers = ["batch", "EntityCLIP variant", "TFLOP / step", "/ CLIPModel step", "/ paper EntityCLIP step"]
+    return (
+        f"FLOPs per training step (forward, backward, AdamW) of EntityCLIP's opt-in variants; ViT-B/32 shapes, texts "
+        f"{args.text_length} tokens, explanations {args.explanation_length}, fp32, counted with FlopCounterMode.\n\n"
+        + format_table(headers, rows)
+    )
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32])
@@ -428,6 +471,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--profile", action="store_true", help="profile one step instead of timing")
+    parser.add_argument(
+        "--variant-flops", action="store_true", help="count the FLOPs of the opt-in variants' steps instead of timing"
+    )
     parser.add_argument("--profile-model", choices=["entityclip", "clip"], default="entityclip")
     parser.add_argument("--profile-rows", type=int, default=25)
     parser.add_argument("--markdown-out", type=Path, help="also write the report to this file")
@@ -439,6 +485,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     print(f"Machine: {machine_summary()}", flush=True)
     setup = Setup(args.precision, args.attn, args.optimizer, args.compile, malloc=args.malloc)
+    if args.variant_flops:
+        report(variant_flops_report(args), args.markdown_out)
+        return 0
     if args.profile:
         batch_size = args.batch_sizes[0]
         worker = training_step_worker(args.profile_model, args.profile_model, batch_size, setup, args)

@@ -41,6 +41,25 @@ class EntityCLIPConfig(PreTrainedConfig):
             Backpropagate through CLIP's text encoder on the explanation pass, as the paper does. `False` (opt-in,
             cheaper) encodes explanations without a gradient: the experts still learn from the explanation tokens,
             but the text encoder learns only from the texts, which saves that pass's backward and its activations.
+
+    Variants that carry explanations into what retrieval uses (opt-in; the defaults are the paper's; measured
+    effect and cost in `bench/README.md`):
+
+        explanation_contrastive_weight (`float`, defaults to 0.0):
+            Weight of an extra contrastive loss between the CLIP image embedding and the explanation-aware text
+            embedding `normalize((1 - w) t + w e)` (`w` = `explanation_fusion_weight`, `e` the explanation's CLIP
+            embedding; a text without explanation keeps `t`): it trains what explanation-aware retrieval
+            (`entityclip_hf.retrieval.fuse_explanation_embeddings`) scores. No extra encoder pass.
+        explanation_fusion_weight (`float`, defaults to 0.5):
+            The `w` of that training term, in [0, 1].
+        expert_loss_reads_candidate_explanation (`bool`, defaults to `False`):
+            Leak-free expert contrastive loss: the image side's shared experts read the CANDIDATE text's
+            explanation for every (image, text) pair of the batch (one read-out token per pair), so an image's
+            expert embedding cannot be matched to its text by reading the same explanation on both sides.
+        itm_cross_attention (`bool`, defaults to `False`):
+            GI-ITM learns image-text interaction: the text's end-of-text token (plus its explanation's) attends to
+            every image token in a cross-attention block (as BLIP's ITM), whose output is added to the gated expert
+            fusion before `itm_head`.
     """
 
     model_type = "entityclip"
@@ -60,6 +79,7 @@ class EntityCLIPConfig(PreTrainedConfig):
         "expert_text_embeds",
         "itm_logits",
         "itm_labels",
+        "explanation_contrastive_loss",
     ]
 
     clip_config: dict | CLIPConfig | None = None
@@ -74,6 +94,10 @@ class EntityCLIPConfig(PreTrainedConfig):
     logit_scale_max: float = math.log(100.0)
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-5
+    explanation_contrastive_weight: float = 0.0
+    explanation_fusion_weight: float = 0.5
+    expert_loss_reads_candidate_explanation: bool = False
+    itm_cross_attention: bool = False
     explanation_encoder_gradient: bool = True
 
     def __post_init__(self, **kwargs):
@@ -142,10 +166,16 @@ class EntityCLIPConfig(PreTrainedConfig):
             )
         if not self.expert_mlp_ratio > 0 or int(self.projection_dim * self.expert_mlp_ratio) < 1:
             raise ValueError(f"`expert_mlp_ratio` must be positive, got {self.expert_mlp_ratio!r}.")
-        for name in ("beta", "gamma"):
+        for name in ("beta", "gamma", "explanation_contrastive_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"`{name}` (a loss weight) must be a finite number >= 0, got {value!r}.")
+        weight = self.explanation_fusion_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+            raise ValueError(f"`explanation_fusion_weight` must be a number in [0, 1], got {weight!r}.")
+        for name in ("expert_loss_reads_candidate_explanation", "itm_cross_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
         if not math.isfinite(self.logit_scale_max) or self.logit_scale_max <= 0:
             raise ValueError(f"`logit_scale_max` must be a positive finite number, got {self.logit_scale_max!r}.")
         if not isinstance(self.explanation_encoder_gradient, bool):

@@ -27,7 +27,7 @@ import torch
 
 from .data.report import one_line
 from .metrics import retrieval_metrics
-from .retrieval import _atomic_write, encode_images, encode_texts
+from .retrieval import _atomic_write, encode_explanations, encode_images, encode_texts, fuse_explanation_embeddings
 
 __all__ = [
     "EvaluationResult",
@@ -57,6 +57,12 @@ class EvaluationResult:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     """`{"index", "id", "reason"}` of each pair left out."""
     seconds: float = 0.0
+    image_embeds: torch.Tensor | None = None
+    """[num_pairs, D] the gallery's image embeddings (the pairs kept), for reranking."""
+    text_embeds: torch.Tensor | None = None
+    """[num_pairs, D] its text embeddings (explanation-fused when asked)."""
+    kept_rows: list[int] | None = None
+    """Row of the split of each kept pair."""
 
 
 def load_model_and_processor(
@@ -99,11 +105,14 @@ def evaluate_split(
     num_workers: int = 0,
     progress: bool = True,
     id_column: str = "id",
+    explanation_weight: float = 0.0,
 ) -> EvaluationResult:
     """Encode a split (a `datasets.Dataset` with `image` and `text` columns) and compute the retrieval metrics.
 
     Texts and images are encoded in separate passes (the text pass decodes no image). Pairs whose image or text
-    cannot be encoded are dropped from the gallery and listed in `skipped`.
+    cannot be encoded are dropped from the gallery and listed in `skipped`. With `explanation_weight` > 0 (opt-in;
+    the paper uses 0), each text is fused with its `explanation` column's embedding (explanation-aware retrieval,
+    both directions; texts without one keep their own embedding).
     """
     for column in ("image", "text"):
         if column not in dataset.column_names:
@@ -113,6 +122,13 @@ def evaluate_split(
     started = time.time()
     common = {"num_workers": num_workers, "progress": progress, "skip_errors": True, "id_column": id_column}
     text_embeds = encode_texts(model, processor, dataset, batch_size=batch_size, **common)
+    if explanation_weight:
+        explanations = dataset["explanation"] if "explanation" in dataset.column_names else []
+        if not any(isinstance(e, str) and e.strip() for e in explanations):
+            logger.warning("explanation_weight=%s but the split has no explanation: texts alone", explanation_weight)
+        else:
+            explanation_embeds = encode_explanations(model, processor, explanations, batch_size, progress=progress)
+            text_embeds = fuse_explanation_embeddings(text_embeds, explanation_embeds, explanation_weight)
     image_embeds = encode_images(model, processor, dataset, batch_size=batch_size, **common)
     image_ok = torch.isfinite(image_embeds).all(dim=1)
     text_ok = torch.isfinite(text_embeds).all(dim=1)
@@ -129,7 +145,10 @@ def evaluate_split(
     metrics = retrieval_metrics(
         image_embeds[keep], text_embeds[keep], chunk_size=chunk_size, device=_device_of(model), progress=progress
     )
-    return EvaluationResult(metrics, num_pairs, skipped, time.time() - started)
+    kept_rows = keep.nonzero().flatten().tolist()
+    return EvaluationResult(
+        metrics, num_pairs, skipped, time.time() - started, image_embeds[keep], text_embeds[keep], kept_rows
+    )
 
 
 def small_gallery_warning(num_pairs: int, min_gallery_size: int) -> str | None:
@@ -171,8 +190,10 @@ def load_split(
     split: str,
     max_samples: int | None = None,
     check_images: str = "header",
+    explanations=None,
 ):
-    """One split of a supported dataset via `entityclip_hf.data.load_entity_dataset`, without explanations.
+    """One split of a supported dataset via `entityclip_hf.data.load_entity_dataset`, by default without
+    explanations (`explanations="auto"`: with those found, for explanation-aware retrieval or reranking).
 
     Returns `(split, DataReport)`. Rows with a missing or unreadable image are left out by the loader and counted in
     the report. For "demo", `root` is where the demo dataset is (or is built on first use); None means the loader's
@@ -185,7 +206,7 @@ def load_split(
         raise ValueError(f"--dataset {dataset} needs --root, the folder holding its files.")
     # Retrieval uses only the CLIP embeddings: explanations are not needed to evaluate.
     splits, report = load_entity_dataset(
-        dataset, root, explanations=None, splits=[split], check_images=check_images, return_report=True
+        dataset, root, explanations=explanations, splits=[split], check_images=check_images, return_report=True
     )
     data = splits[canonical_split(split)]
     if max_samples is not None:
@@ -214,6 +235,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="how the loader checks image files before evaluation (unreadable ones are left out and reported)",
     )
     parser.add_argument(
+        "--explanation_weight", "--explanation-weight", type=float, default=0.0,
+        help="explanation-aware retrieval: fuse each text with its explanation, normalize((1-w) t + w e); "
+        "0 (default): the text alone, as the paper",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rerank_top_k", "--rerank-top-k", type=int, default=0,
+        help="also report R@K after GI-ITM (EntityCLIP) reranks each query's top K of the CLIP order",
+    )  # fmt: skip
+    parser.add_argument(
         "--min-gallery-size",
         type=int,
         default=100,
@@ -230,6 +260,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--num-workers must be >= 0")
     if args.max_samples is not None and args.max_samples < 1:
         parser.error("--max-samples must be >= 1")
+    if not 0 <= args.explanation_weight <= 1:
+        parser.error("--explanation_weight must be in [0, 1]")
+    if args.rerank_top_k < 0:
+        parser.error("--rerank_top_k must be >= 0")
     if args.min_gallery_size < 1:
         parser.error("--min-gallery-size must be >= 1")
     return args
@@ -247,7 +281,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = _resolve_device(args.device)
     try:
-        data, data_report = load_split(args.dataset, args.root, args.split, args.max_samples, args.check_images)
+        explanations = "auto" if args.explanation_weight or args.rerank_top_k else None
+        data, data_report = load_split(
+            args.dataset, args.root, args.split, args.max_samples, args.check_images, explanations=explanations
+        )
         try:
             model, processor = load_model_and_processor(args.model, device, args.trust_remote_code)
         except (OSError, ValueError) as error:
@@ -260,13 +297,17 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             chunk_size=args.chunk_size,
             num_workers=args.num_workers,
             progress=not args.no_progress,
+            explanation_weight=args.explanation_weight,
         )
-    except (ValueError, OSError) as error:  # a user error (a folder, a file, an argument): one line, exit 2
+        rerank = _rerank(model, processor, data, result, args.rerank_top_k) if args.rerank_top_k else None
+    except (ValueError, OSError, TypeError) as error:  # a user error (a folder, a file, an argument): one line, exit 2
         print(f"entityclip-eval: error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from error
 
     title = f"{args.model} on {args.dataset}/{args.split}: {result.num_pairs} pairs, {result.seconds:.1f} s on {device}"
     print(format_metrics_table(result.metrics, title))
+    if rerank is not None:
+        print(_format_rerank(rerank))
     if result.skipped:
         shown = ", ".join(str(item["id"] if item["id"] is not None else item["index"]) for item in result.skipped[:10])
         more = " ..." if len(result.skipped) > 10 else ""
@@ -290,8 +331,11 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "seconds": round(result.seconds, 3),
         "device": str(device),
         "metrics": result.metrics,
+        "explanation_weight": args.explanation_weight,
         "warnings": warnings,
     }
+    if rerank is not None:
+        report["rerank"] = rerank
     if args.output:
         output = Path(args.output)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -299,6 +343,24 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         _atomic_write(output, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         print(f"wrote {output}")
     return report
+
+
+def _rerank(model, processor, data, result: EvaluationResult, top_k: int) -> dict[str, float]:
+    """R@K of the CLIP order and after GI-ITM reranks each query's top `top_k` (texts with their explanations)."""
+    from .itm_evaluation import PairScorer, rerank_recalls
+
+    kept = data.select(result.kept_rows) if len(result.kept_rows) != len(data) else data
+    scorer = PairScorer.from_dataset(model, processor, kept)
+    return rerank_recalls(scorer, result.image_embeds, result.text_embeds, top_k=min(top_k, len(kept)))
+
+
+def _format_rerank(rerank: dict[str, float]) -> str:
+    lines = [f"GI-ITM reranking of the top {rerank['rerank_top_k']}:", f"{'':<24}{'R@1':>8}{'R@5':>8}{'R@10':>8}"]
+    for direction, name in _DIRECTIONS:
+        for prefix, label in (("clip", "CLIP order"), ("rerank", "reranked")):
+            cells = "".join(f"{rerank[f'{prefix}_{direction}_R@{k}']:>8.2f}" for k in (1, 5, 10))
+            lines.append(f"{name + ', ' + label:<24}{cells}")
+    return "\n".join(lines)
 
 
 def _resolve_device(name: str) -> torch.device:

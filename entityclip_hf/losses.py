@@ -80,6 +80,17 @@ def contrastive_loss(
     return loss, logits_per_image
 
 
+def pairwise_contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a square matrix of pair scores [B, B] (row i: image i against every text j; the
+    positive on the diagonal), for scores that are not a dot product of two embedding sets (each pair computed on
+    its own). Local to the batch: every pair's score needs both of its inputs on one process."""
+    if logits.ndim != 2 or logits.shape[0] != logits.shape[1]:
+        raise ValueError(f"pair scores must be square [B, B], got {tuple(logits.shape)}")
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    logits = logits.float()
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
 def _check_square_batch(similarity: torch.Tensor) -> None:
     if similarity.ndim != 2 or similarity.shape[1] != similarity.shape[0]:
         raise ValueError(f"similarity must be square [B, B], got {tuple(similarity.shape)}")
@@ -131,6 +142,7 @@ def itm_loss(itm_logits: torch.Tensor, itm_labels: torch.Tensor) -> torch.Tensor
 
 __all__ = [
     "contrastive_loss",
+    "pairwise_contrastive_loss",
     "distributed_world",
     "gather_with_grad",
     "hardest_negatives",

@@ -20,9 +20,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_entityclip import EntityCLIPConfig
-from .losses import contrastive_loss, hardest_negatives, itm_loss, sample_negatives
+from .losses import contrastive_loss, hardest_negatives, itm_loss, pairwise_contrastive_loss, sample_negatives
 from .modeling_checks import check_model_inputs, load_or_name_the_file, read_config_dict
 from .modeling_experts import EntityCLIPExpertBank, ExpertKeysValues, TokenFeatures, gated_sum
+from .modeling_variants import EntityCLIPCrossModalMatcher, candidate_explanation_expert_logits, fused_text_embeddings
 
 logger = logging.get_logger(__name__)
 
@@ -60,6 +61,9 @@ class EntityCLIPOutput(ModelOutput):
         image-with-negative-text and negative-image-with-text pairs.
     itm_labels (`torch.LongTensor` of shape `(num_pairs,)`, *optional*):
         The target class of each row of `itm_logits`.
+    explanation_contrastive_loss (`torch.FloatTensor`, *optional*):
+        With `config.explanation_contrastive_weight > 0`: contrastive loss between the CLIP image embeddings and the
+        explanation-aware text embeddings (added to `loss` with that weight).
     """
 
     loss: torch.FloatTensor | None = None
@@ -76,6 +80,7 @@ class EntityCLIPOutput(ModelOutput):
     expert_text_embeds: torch.FloatTensor | None = None
     itm_logits: torch.FloatTensor | None = None
     itm_labels: torch.LongTensor | None = None
+    explanation_contrastive_loss: torch.FloatTensor | None = None
 
     def to_tuple(self) -> tuple[Any]:
         # As CLIPOutput: the nested model outputs become tuples too.
@@ -183,6 +188,11 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
         self.text_gate = nn.Linear(dim, config.num_text_side_experts)
         self.fusion_gate = nn.Linear(2 * dim, config.num_image_side_experts + config.num_text_side_experts)
         self.itm_head = nn.Linear(dim, 2)
+        self.itm_cross_modal = (
+            EntityCLIPCrossModalMatcher(dim, config.expert_num_heads, config.expert_mlp_ratio, config.layer_norm_eps)
+            if config.itm_cross_attention
+            else None
+        )
         self.post_init()
 
     def _with_config_output_flags(self, kwargs: dict) -> dict:
@@ -348,6 +358,7 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
         image_rows: torch.Tensor,
         text_rows: torch.Tensor,
         has_explanation: torch.Tensor,
+        explanation: TokenFeatures | None = None,
     ) -> torch.Tensor:
         """GI-ITM logits of the pairs (image image_rows[p], text text_rows[p] with that text's explanation)."""
         outputs = self._concat_expert_outputs(
@@ -371,6 +382,8 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
         )
         gate_logits = self.fusion_gate(torch.cat([image.pooled[image_rows], text.pooled[text_rows]], dim=-1))
         fused = gated_sum(gate_logits, outputs, available)
+        if self.itm_cross_modal is not None:  # variant: + the text's cross-attention read of the image tokens
+            fused = fused + self.itm_cross_modal(image, text, explanation, has_explanation, image_rows, text_rows)
         return self.itm_head(fused)
 
     def _gated_embedding(self, gate, query: TokenFeatures, own, shared, has_explanation):
@@ -507,22 +520,31 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
             text_rows = torch.cat([arange, negative_text_rows, arange])
         else:
             image_rows, text_rows = arange, arange
-        shared_image_outputs = (
-            self._run_experts(self.shared_experts, image, shared_keys, query_rows=image_rows, key_rows=text_rows)
-            if shared_keys is not None
-            else None
+        expert_text_embeds = F.normalize(
+            self._gated_embedding(
+                self.text_gate, text, text_expert_outputs, shared_text_outputs, has_explanation
+            ).float(),
+            dim=-1,
         )
+        candidate_logits = None
+        if compute_losses and config.expert_loss_reads_candidate_explanation and shared_keys is not None:
+            # Variant: the image side reads every candidate text's explanation; GI-ITM's pairs are among them.
+            candidate_logits, all_pair_outputs = candidate_explanation_expert_logits(
+                self.shared_experts, self.image_gate, image, vision_expert_outputs, shared_keys, has_explanation,
+                expert_text_embeds, self.clip.logit_scale,
+            )  # fmt: skip
+            shared_image_outputs = all_pair_outputs[image_rows * batch_size + text_rows]
+        elif shared_keys is not None:
+            shared_image_outputs = self._run_experts(
+                self.shared_experts, image, shared_keys, query_rows=image_rows, key_rows=text_rows
+            )
+        else:
+            shared_image_outputs = None
 
         positive_shared_image = shared_image_outputs[:batch_size] if shared_image_outputs is not None else None
         expert_image_embeds = F.normalize(
             self._gated_embedding(
                 self.image_gate, image, vision_expert_outputs, positive_shared_image, has_explanation
-            ).float(),
-            dim=-1,
-        )
-        expert_text_embeds = F.normalize(
-            self._gated_embedding(
-                self.text_gate, text, text_expert_outputs, shared_text_outputs, has_explanation
             ).float(),
             dim=-1,
         )
@@ -536,16 +558,26 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
             image_rows,
             text_rows,
             has_explanation,
+            explanation,
         )
         itm_labels = torch.full((len(image_rows),), ITM_NO_MATCH, dtype=torch.long, device=itm_logits.device)
         itm_labels[:batch_size] = ITM_MATCH
 
-        loss = clip_loss = expert_loss = matching_loss = None
+        loss = clip_loss = expert_loss = matching_loss = explanation_loss = None
         if compute_losses:
             clip_loss, _ = contrastive_loss(image_embeds, text_embeds, logit_scale)
-            expert_loss, _ = contrastive_loss(expert_image_embeds, expert_text_embeds, logit_scale)
+            if candidate_logits is not None:
+                expert_loss = pairwise_contrastive_loss(candidate_logits)
+            else:
+                expert_loss, _ = contrastive_loss(expert_image_embeds, expert_text_embeds, logit_scale)
             matching_loss = itm_loss(itm_logits, itm_labels)
             loss = clip_loss + config.beta * expert_loss + config.gamma * matching_loss
+            if config.explanation_contrastive_weight > 0:
+                fused = fused_text_embeddings(
+                    text.pooled, explanation.pooled, has_explanation, config.explanation_fusion_weight
+                )
+                explanation_loss, _ = contrastive_loss(image_embeds, fused, logit_scale)
+                loss = loss + config.explanation_contrastive_weight * explanation_loss
 
         return EntityCLIPOutput(
             loss=loss,
@@ -563,6 +595,7 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
             expert_text_embeds=expert_text_embeds,
             itm_logits=itm_logits,
             itm_labels=itm_labels,
+            explanation_contrastive_loss=explanation_loss,
         )
 
     def match_probability(

@@ -47,9 +47,11 @@ __all__ = [
     "SearchResults",
     "StoredEmbeddings",
     "add_embeddings_column",
+    "encode_explanations",
     "encode_images",
     "encode_texts",
     "faiss_available",
+    "fuse_explanation_embeddings",
     "load_embeddings",
     "match_probabilities",
     "rerank_texts_with_itm",
@@ -117,16 +119,73 @@ def encode_texts(
     progress: bool = True,
     skip_errors: bool = False,
     mixed_precision: bool | None = None,
+    explanations: Sequence[str | None] | str | None = None,
+    explanation_weight: float = 0.5,
 ) -> torch.Tensor:
     """Encode texts into L2-normalised float32 CLIP embeddings [N, D] (on CPU); see [`encode_images`].
 
     `texts` is a list of strings or a `datasets.Dataset` with a `text_column`. Texts longer than the processor's
     maximum length (77 tokens for CLIP) are truncated, as in training.
+
+    Explanation-aware retrieval (opt-in; the paper retrieves with the text alone): with `explanations` (one string or
+    None per text, or the name of a Dataset column holding them), each text's embedding is fused with its
+    explanation's embedding (the same CLIP text encoder), see [`fuse_explanation_embeddings`]; a text without an
+    explanation keeps its plain embedding. Use the result as queries (text -> image) or as the text gallery
+    (image -> text): both directions then use the explanations.
     """
-    return _encode(
+    embeddings = _encode(
         model, processor, texts, "text", text_column, id_column, batch_size, num_workers, progress, skip_errors,
         mixed_precision,
     )  # fmt: skip
+    if explanations is None:
+        return embeddings
+    if isinstance(explanations, str):
+        if not _is_hf_dataset(texts) or explanations not in texts.column_names:
+            raise ValueError(f"explanations={explanations!r} names no column of the texts' dataset.")
+        explanations = texts[explanations]
+    explanations = list(explanations)
+    if len(explanations) != embeddings.shape[0]:
+        raise ValueError(f"{len(explanations)} explanations for {embeddings.shape[0]} texts: give one (or None) each.")
+    explanation_embeddings = encode_explanations(
+        model, processor, explanations, batch_size=batch_size, progress=progress, mixed_precision=mixed_precision
+    )
+    return fuse_explanation_embeddings(embeddings, explanation_embeddings, explanation_weight)
+
+
+def encode_explanations(
+    model, processor, explanations: Sequence[str | None], batch_size: int = 256, progress: bool = False,
+    mixed_precision: bool | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """CLIP text embeddings [N, D] of explanations (EntityCLIP's encoder of explanations); NaN rows where None/blank."""
+    explanations = list(explanations)
+    present = [i for i, e in enumerate(explanations) if isinstance(e, str) and e.strip()]
+    if not present:
+        raise ValueError("no explanation to encode: every entry is None or blank.")
+    encoded = _encode(
+        model, processor, [explanations[i] for i in present], "text", "text", None, batch_size, 0, progress, False,
+        mixed_precision,
+    )  # fmt: skip
+    output = torch.full((len(explanations), encoded.shape[1]), float("nan"), dtype=torch.float32)
+    output[torch.as_tensor(present)] = encoded
+    return output
+
+
+def fuse_explanation_embeddings(text_embeds, explanation_embeds, weight: float) -> torch.Tensor:
+    """Explanation-aware text embeddings: `normalize((1 - weight) * t + weight * e)` with `t`, `e` L2-normalised.
+
+    `weight` 0 is the plain text (the paper's retrieval), 1 the explanation alone. A row of `explanation_embeds`
+    that is not finite (NaN: the text has no explanation) keeps the normalised text embedding. Returns float32 [N, D].
+    """
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+        raise ValueError(f"explanation weight must be a number in [0, 1], got {weight!r}.")
+    text = F.normalize(_as_matrix(text_embeds, "text_embeds").float(), dim=-1)
+    explanation = _as_matrix(explanation_embeds, "explanation_embeds").float()
+    if explanation.shape != text.shape:
+        raise ValueError(f"explanation_embeds {tuple(explanation.shape)} must match text_embeds {tuple(text.shape)}.")
+    has_explanation = torch.isfinite(explanation).all(dim=1, keepdim=True)
+    explanation = F.normalize(torch.where(has_explanation, explanation, text), dim=-1)
+    fused = F.normalize((1 - weight) * text + weight * explanation, dim=-1)
+    return torch.where(has_explanation, fused, text)
 
 
 class _IndexedItems(torch.utils.data.Dataset):
@@ -876,14 +935,15 @@ class _Gallery:
     modality: str
     images: list | None = None  # per row: something the processor reads (for reranking)
     texts: list | None = None  # per row: the item's text (a dataset's caption), for printing
+    explanations: list | None = None  # per row of a text gallery: its explanation (or None), for reranking
 
 
-def _gallery_items(source: str, root: str | None, split: str, max_samples: int | None):
+def _gallery_items(source: str, root: str | None, split: str, max_samples: int | None, explanations=None):
     """(ids, images, texts) of a dataset split or of the image files under a folder."""
     if source in _DATASET_SOURCES:
         from .evaluation import load_split
 
-        data, _ = load_split(source, root, split, max_samples)
+        data, _ = load_split(source, root, split, max_samples, explanations=explanations)
         ids = data["id"] if "id" in data.column_names else list(range(len(data)))
         return ids, data, data["text"]
     folder = Path(source)
@@ -898,7 +958,10 @@ def _gallery_items(source: str, root: str | None, split: str, max_samples: int |
 
 
 def _encode_gallery(model, processor, args, modality: str) -> _Gallery:
-    ids, data, texts = _gallery_items(args.images_from, args.root, args.split, args.max_samples)
+    fuse = modality == "text" and args.explanation_weight > 0
+    ids, data, texts = _gallery_items(
+        args.images_from, args.root, args.split, args.max_samples, explanations="auto" if fuse else None
+    )
     options = {"batch_size": args.batch_size, "num_workers": args.num_workers, "skip_errors": True}
     options["progress"] = not args.no_progress
     if modality == "image":
@@ -906,6 +969,8 @@ def _encode_gallery(model, processor, args, modality: str) -> _Gallery:
     else:
         if texts is None:
             raise ValueError("a text gallery needs a dataset with texts, not a folder of images.")
+        if fuse:  # explanation-aware text gallery: each text fused with its own explanation
+            options.update(explanations="explanation", explanation_weight=args.explanation_weight)
         embeddings = encode_texts(model, processor, data, **options)
     keep = torch.isfinite(embeddings).all(dim=1)
     if not bool(keep.all()):
@@ -922,6 +987,7 @@ def _encode_gallery(model, processor, args, modality: str) -> _Gallery:
         modality,
         images=images,
         texts=[texts[i] for i in rows] if texts is not None else None,
+        explanations=[data["explanation"][i] for i in rows] if fuse else None,
     )
 
 
@@ -1015,8 +1081,12 @@ def _command_search(args) -> list[dict]:
         )
     index = EmbeddingIndex(gallery.embeddings, gallery.ids, backend="auto", index_type=args.index_type, **ann)
     queries = args.query or args.query_image
+    explanations = _query_explanations(args)
     if query_modality == "text":
-        query_embeddings = encode_texts(model, processor, queries, progress=False)
+        query_embeddings = encode_texts(
+            model, processor, queries, progress=False, explanations=explanations,
+            explanation_weight=args.explanation_weight,
+        )  # fmt: skip
     else:
         query_embeddings = encode_images(model, processor, queries, progress=False)
     depth = min(max(args.k, args.rerank or 0), len(index))
@@ -1033,9 +1103,15 @@ def _command_search(args) -> list[dict]:
         if args.rerank:
             top = entries[: args.rerank]
             if gallery_modality == "image":
-                ranked = rerank_with_itm(model, processor, query, [gallery.images[e["row"]] for e in top])
+                explanation = explanations[q] if explanations is not None else None
+                images = [gallery.images[e["row"]] for e in top]
+                ranked = rerank_with_itm(model, processor, query, images, explanation=explanation)
             else:
-                ranked = rerank_texts_with_itm(model, processor, query, [gallery.texts[e["row"]] for e in top])
+                texts = [gallery.texts[e["row"]] for e in top]
+                candidate_explanations = (
+                    [gallery.explanations[e["row"]] for e in top] if gallery.explanations is not None else None
+                )
+                ranked = rerank_texts_with_itm(model, processor, query, texts, candidate_explanations)
             top = [{**top[c.index], "match_probability": c.match_probability} for c in ranked]
             entries = top + entries[args.rerank :]
         entries = entries[: args.k]
@@ -1045,6 +1121,17 @@ def _command_search(args) -> list[dict]:
         results.append({"query": str(query), "hits": entries})
         _print_hits(str(query), entries)
     return results
+
+
+def _query_explanations(args) -> list | None:
+    """The --explanation of each --query (in order), or None when none is given."""
+    if not args.explanation:
+        return None
+    if not args.query or len(args.explanation) != len(args.query):
+        raise ValueError("give one --explanation per --query (in the same order), or none.")
+    if args.explanation_weight <= 0:
+        raise ValueError("--explanation needs --explanation-weight W > 0 (how much the explanation counts).")
+    return [text if text.strip() else None for text in args.explanation]
 
 
 def _print_hits(query: str, entries: list[dict]) -> None:
@@ -1093,6 +1180,11 @@ def _parser():
         sub.add_argument("--hnsw-m", type=int, help="HNSW neighbours per node (default 32)")
         sub.add_argument("--ef-search", type=int, help="HNSW search effort (default: tuned to recall@10 0.95)")
         sub.add_argument("--train-size", type=int, help="IVF training sample (default min(N, 32 nlist))")
+        sub.add_argument(
+            "--explanation-weight", type=float, default=0.0,
+            help="explanation-aware retrieval (opt-in): a text becomes normalize((1-w) text + w explanation); applies "
+            "to --explanation of text queries and to a text gallery's explanations. 0 (default): the paper's texts alone",
+        )  # fmt: skip
 
     encode = commands.add_parser("encode", help="encode a gallery into a safetensors embedding file")
     common(encode, gallery_required=True)
@@ -1105,7 +1197,16 @@ def _parser():
     search.add_argument("--query", action="append", help="a text query (repeatable): searches images")
     search.add_argument("--query-image", action="append", help="an image file as query (repeatable): searches texts")
     search.add_argument("--k", type=int, default=5, help="results per query")
-    search.add_argument("--rerank", type=int, default=0, help="rerank the first N hits with GI-ITM (EntityCLIP)")
+    search.add_argument(
+        "--explanation", action="append",
+        help="the explanation of each --query (repeatable, same order; '' for none); needs --explanation-weight",
+    )  # fmt: skip
+    search.add_argument(
+        "--rerank", type=int, default=0,
+        help="rerank the first N hits with GI-ITM (EntityCLIP). Measured to LOWER R@1 against the CLIP order with "
+        "the paper's GI-ITM and with every variant tried, itm_cross_attention included (bench/README.md, efficacy): "
+        "check it on your validation data first (entityclip-eval --rerank_top_k N)",
+    )  # fmt: skip
     return parser
 
 
@@ -1124,6 +1225,8 @@ def run(argv: Sequence[str] | None = None):
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if getattr(args, "rerank", 0) < 0:
         parser.error("--rerank must be >= 0")
+    if not 0 <= args.explanation_weight <= 1:
+        parser.error("--explanation-weight must be in [0, 1]")
     try:
         _cli_device(args.device)
     except RuntimeError as error:

@@ -65,6 +65,11 @@ from entityclip_hf.processing_entityclip import EntityCLIPProcessor
 from entityclip_hf.tiny_models import tiny_clip_config, tiny_image_processor, train_bpe_tokenizer
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "explanation_input_ids", "explanation_attention_mask")
+# Flags that are EntityCLIPConfig fields: given, they override the model's (None: the model's own value).
+MODEL_FIELDS = (
+    "beta", "gamma", "explanation_contrastive_weight", "explanation_fusion_weight",
+    "expert_loss_reads_candidate_explanation", "itm_cross_attention", "use_hard_negatives",
+)  # fmt: skip
 LOSS_NAMES = ("loss", "contrastive_loss", "expert_contrastive_loss", "itm_loss")
 STATE_FILE = "trainer_state.json"
 TRACKER_PROJECT = "entityclip"  # accelerator.init_trackers' project: TensorBoard writes to <output_dir>/entityclip
@@ -92,6 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="'tiny' (from scratch), a CLIP checkpoint, or an EntityCLIP one")
     p.add_argument("--beta", type=float, help="weight of the expert contrastive loss (default: the model's, 0.1)")
     p.add_argument("--gamma", type=float, help="weight of the GI-ITM loss (default: the model's, 0.1)")
+    # opt-in variants (EntityCLIPConfig fields; default: the model's, i.e. the paper's behaviour)
+    p.add_argument(
+        "--explanation_contrastive_weight", type=float,
+        help="variant: weight of a contrastive loss between images and explanation-aware texts (paper: 0)",
+    )  # fmt: skip
+    p.add_argument("--explanation_fusion_weight", type=float, help="variant: the explanation's weight in that text")
+    p.add_argument(
+        "--use_hard_negatives", type=str2bool, nargs="?", const=True,
+        help="GI-ITM negatives drawn from the in-batch similarity (paper: true) or uniformly (false)",
+    )  # fmt: skip
+    p.add_argument(
+        "--expert_loss_reads_candidate_explanation", type=str2bool, nargs="?", const=True,
+        help="variant: leak-free expert loss, the image side reads each candidate text's explanation (paper: false)",
+    )  # fmt: skip
+    p.add_argument(
+        "--itm_cross_attention", type=str2bool, nargs="?", const=True,
+        help="variant: GI-ITM with a text-to-image cross-attention block (paper: false)",
+    )  # fmt: skip
     p.add_argument("--tiny_hidden_size", type=int, default=64, help="--model tiny: width of both towers")
     p.add_argument("--tiny_num_layers", type=int, default=2, help="--model tiny: layers of both towers")
     p.add_argument("--tiny_image_size", type=int, default=32, help="--model tiny: image side in pixels")
@@ -103,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo_entities", type=int, default=24, help="--dataset demo: number of made-up entities")
     p.add_argument("--demo_captions", type=int, default=8, help="--dataset demo: captions (pairs) per entity")
     p.add_argument("--explanations", help="explanation files or cache folders, comma-separated (default: auto)")
+    p.add_argument(
+        "--use_explanations", default=True, help="false: train and evaluate without any explanation (ablation)", **flag
+    )
     p.add_argument(
         "--check_images", default="header", choices=IMAGE_CHECKS, help="loader's image check: decode is thorough"
     )
@@ -149,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="eval metric that picks best/: rsum, contrastive_loss (the paper), i2t_R@1, ...",
     )
     p.add_argument("--log_every", type=int, default=10, help="log the training losses every N steps")
+    p.add_argument(
+        "--eval_diagnostics",
+        default=True,
+        help="also log ITM AUC and the expert loss with shuffled explanations / images (leak indicators); one process",
+        **flag,
+    )
     p.add_argument("--resume", nargs="?", const="latest", help="continue from a checkpoint folder, or the latest one")
     p.add_argument(
         "--overwrite_output_dir", default=False, help="start afresh: delete an earlier run's outputs", **flag
@@ -222,7 +254,7 @@ def check_paths(args) -> None:
 # ----------------------------------------------------------------------------------------------------- model & data
 def build_model_and_processor(args, train_texts):
     """The model to fine-tune and its processor, from --model (tiny | CLIP checkpoint | EntityCLIP checkpoint)."""
-    heads = {key: getattr(args, key) for key in ("beta", "gamma") if getattr(args, key) is not None}
+    heads = {key: getattr(args, key) for key in MODEL_FIELDS if getattr(args, key) is not None}
     if args.model == "tiny":
         # A tokenizer trained on the training texts: a tiny model learns faster from a vocabulary of its own domain.
         tokenizer = train_bpe_tokenizer(train_texts, vocab_size=args.tiny_vocab_size)
@@ -264,6 +296,8 @@ def load_datasets(args, accelerator):
             )
         except (OSError, ValueError) as error:  # the folder's layout, a file that cannot be read
             raise UsageError(f"--dataset {args.dataset} --dataset_root {root}: {one_line(error)}") from error
+    if not args.use_explanations:  # the ablation "without explanations": every row has none
+        datasets = datasets.map(lambda row: {"explanation": None}, desc="dropping explanations")
     if args.max_train_samples:
         datasets["train"] = datasets["train"].select(range(min(args.max_train_samples, len(datasets["train"]))))
     for split in (args.eval_split, args.test_split):
@@ -347,6 +381,72 @@ def evaluate(model, loader, accelerator, args) -> dict[str, float]:
         for i in range(0, len(image_embeds), args.eval_batch_size)
     ]  # fmt: skip
     metrics["contrastive_loss"] = torch.stack(losses).mean().item()
+    # One process only for now: with 2 gloo processes the diagnostics' extra forwards were seen to hang a run (not
+    # yet understood); multi-process evaluation keeps the retrieval metrics and the contrastive loss.
+    if args.eval_diagnostics and accelerator.num_processes == 1:
+        metrics.update(evaluate_diagnostics(model, loader, accelerator))
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_diagnostics(model, loader, accelerator) -> dict[str, float]:
+    """Whether the experts and GI-ITM learn image-text matching, or read the answer off the explanation.
+
+    - `itm_loss`, `itm_auc`: GI-ITM on each eval batch's true pairs vs its mined negatives (AUC 0.5: no skill);
+    - `expert_contrastive_loss`: the expert contrastive loss on true pairs;
+    - `expert_contrastive_loss_shuffled_explanations`: the same with each pair given another pair's explanation;
+    - `expert_contrastive_loss_shuffled_images`: each (text, explanation) with another pair's image. An expert
+      loss that matches images to texts must rise towards chance (log of the batch size) here; one that stays far
+      below it is solved from the explanation alone, which both sides read (the leak).
+    """
+    model.eval()
+    probabilities, labels, sums, batches = [], [], {}, 0
+    with torch.random.fork_rng(devices=[]):  # negative mining must not move the training run's random state
+        for batch in loader:
+            # The losses all-gather across processes: every process scores the same number of rows, and skips alike.
+            inputs, rows = common_rows(batch, accelerator)
+            if rows < 2 or "explanation_input_ids" not in inputs:
+                continue
+            output = model(**inputs, return_loss=True)
+            probabilities += output.itm_logits.float().softmax(-1)[:, 0].tolist()
+            labels += output.itm_labels.tolist()
+            rolled_explanations = {
+                **inputs,
+                "explanation_input_ids": inputs["explanation_input_ids"].roll(1, 0),
+                "explanation_attention_mask": inputs["explanation_attention_mask"].roll(1, 0),
+            }
+            rolled_images = {**inputs, "pixel_values": inputs["pixel_values"].roll(1, 0)}
+            values = {
+                "itm_loss": output.itm_loss,
+                "expert_contrastive_loss": output.expert_contrastive_loss,
+                "expert_contrastive_loss_shuffled_explanations": model(
+                    **rolled_explanations, return_loss=True
+                ).expert_contrastive_loss,
+                "expert_contrastive_loss_shuffled_images": model(
+                    **rolled_images, return_loss=True
+                ).expert_contrastive_loss,
+            }
+            for name, value in values.items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+            batches += 1
+    model.train()
+    from entityclip_hf.itm_evaluation import roc_auc
+
+    # Tensor collectives only (gather of padded rows, sum-reduce): the same calls on every process.
+    device = accelerator.device
+    names = sorted(sums)
+    totals = accelerator.reduce(
+        torch.tensor([sums[n] for n in names] + [batches], device=device, dtype=torch.float64), "sum"
+    )
+    pairs = torch.tensor([probabilities, labels], device=device, dtype=torch.float64).T.reshape(-1, 2)
+    pairs = accelerator.gather(accelerator.pad_across_processes(pairs, dim=0, pad_index=-1)).cpu()
+    pairs = pairs[pairs[:, 1] >= 0]  # padding rows carry label -1
+    if float(totals[-1]) == 0:
+        return {}
+    metrics = {name: float(totals[i] / totals[-1]) for i, name in enumerate(names)}
+    positives, negatives = pairs[pairs[:, 1] == 0, 0], pairs[pairs[:, 1] != 0, 0]
+    if len(positives) and len(negatives):
+        metrics["itm_auc"] = roc_auc(positives, negatives)
     return metrics
 
 
@@ -355,7 +455,16 @@ def format_metrics(metrics: dict[str, float]) -> str:
         f"{d} R@1 {metrics[f'{d}_R@1']:.1f} R@5 {metrics[f'{d}_R@5']:.1f} R@10 {metrics[f'{d}_R@10']:.1f}"
         for d in ("i2t", "t2i")
     ]
-    return " | ".join(parts + [f"rsum {metrics['rsum']:.1f}", f"contrastive loss {metrics['contrastive_loss']:.4f}"])
+    parts += [f"rsum {metrics['rsum']:.1f}", f"contrastive loss {metrics['contrastive_loss']:.4f}"]
+    diagnostics = (
+        ("itm_loss", "itm loss"),
+        ("itm_auc", "itm auc"),
+        ("expert_contrastive_loss", "expert loss"),
+        ("expert_contrastive_loss_shuffled_explanations", "shuffled explanations"),
+        ("expert_contrastive_loss_shuffled_images", "shuffled images"),
+    )
+    parts += [f"{label} {metrics[name]:.4f}" for name, label in diagnostics if name in metrics]
+    return " | ".join(parts)
 
 
 def is_better(value: float, best: float | None, metric: str) -> bool:
@@ -560,8 +669,10 @@ def train(args) -> dict:
     resume_dir = find_checkpoint(args)
     if args.resume and resume_dir is None:
         log(f"--resume: no checkpoint in {args.output_dir}/checkpoints, starting from scratch")
+    # --model tiny trains its tokenizer here: on the explanations too, or their words would split into characters.
+    tokenizer_corpus = list(datasets["train"]["text"]) + [e for e in datasets["train"]["explanation"] if e]
     try:
-        model, processor = build_model_and_processor(args, datasets["train"]["text"])
+        model, processor = build_model_and_processor(args, tokenizer_corpus)
     except UsageError:
         raise
     except (OSError, ValueError) as error:  # no or a bad config.json, an id the Hub (or the offline cache) lacks

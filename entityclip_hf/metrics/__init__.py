@@ -87,6 +87,8 @@ def retrieval_metrics(
     device: str | torch.device | None = None,
     progress: bool = False,
     tie_tolerance: float = DEFAULT_TIE_TOLERANCE,
+    explanation_embeds: Any = None,
+    explanation_weight: float = 0.5,
 ) -> dict[str, float]:
     """Compute the paper's retrieval metrics (R@K, median/mean rank, rsum) for paired image/text embeddings.
 
@@ -103,12 +105,22 @@ def retrieval_metrics(
         progress: show a progress bar over query blocks (useful for galleries of millions).
         tie_tolerance: items scoring within ``tie_tolerance * max(1, |positive|)`` below the positive tie with it
             (and ties count against the query); 0 compares exactly. See the module docstring for why.
+        explanation_embeds: optional ``[N, D]`` embeddings of each text's explanation (a NaN row: none). Given,
+            the texts are scored as ``entityclip_hf.retrieval.fuse_explanation_embeddings(text, explanation,
+            explanation_weight)`` in both directions (explanation-aware retrieval; the paper uses the text alone).
+        explanation_weight: the weight of the explanation in that fusion, in [0, 1].
 
     Returns:
         ``{"i2t_R@1": ..., ..., "i2t_median_rank": ..., "i2t_mean_rank": ..., "t2i_R@1": ..., ..., "rsum": ...}``:
         recalls in percent (0-100), ranks 1-based; ``median_rank`` is the floor of the median, as the released code.
     """
     ks = _validate_ks(ks)
+    if explanation_embeds is not None:
+        from ..retrieval import fuse_explanation_embeddings
+
+        text_embeds = fuse_explanation_embeddings(_as_tensor(text_embeds, "text_embeds"),
+                                                  _as_tensor(explanation_embeds, "explanation_embeds"),
+                                                  explanation_weight)  # fmt: skip
     ranks = ranks_of_positives(
         image_embeds,
         text_embeds,

@@ -47,6 +47,9 @@ Args:
     device (str, optional): where the matrix products run (default: CPU).
     tie_tolerance (float, default 1e-6): items scoring within tie_tolerance * max(1, |positive|) below the positive
         tie with it (float32 products round equal dot products differently by block shape); 0 compares exactly.
+    explanation_embeds (list of N embeddings, optional; a row of NaN: no explanation): each text's explanation
+        embedding; given, texts are fused with their explanation, normalize((1 - w) t + w e), in both directions.
+    explanation_weight (float, default 0.5): w of that fusion.
 Returns:
     dict with `i2t_R@K` and `t2i_R@K` for each K, `i2t_median_rank`, `i2t_mean_rank`, `t2i_median_rank`,
     `t2i_mean_rank` and `rsum`.
@@ -89,6 +92,8 @@ class EntityRetrieval(evaluate.Metric):
         normalize=True,
         device=None,
         tie_tolerance=DEFAULT_TIE_TOLERANCE,
+        explanation_embeds=None,
+        explanation_weight=0.5,
     ):
         return retrieval_metrics(
             image_embeds,
@@ -98,4 +103,6 @@ class EntityRetrieval(evaluate.Metric):
             normalize=normalize,
             device=device,
             tie_tolerance=tie_tolerance,
+            explanation_embeds=explanation_embeds,
+            explanation_weight=explanation_weight,
         )

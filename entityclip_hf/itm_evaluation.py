@@ -1,0 +1,148 @@
+"""Does GI-ITM know a match? ITM AUC on a split, and retrieval R@K after GI-ITM reranks the CLIP top-k.
+
+    scorer = PairScorer.from_dataset(model, processor, split)          # images, texts, explanations preprocessed once
+    itm_auc(scorer)                                                    # true pairs vs mismatched pairs
+    rerank_recalls(scorer, image_embeds, text_embeds, top_k=10)        # R@K of the CLIP order and after reranking
+
+`entityclip-eval --rerank_top_k K` and `examples/finetune.py`'s evaluation report these beside the CLIP metrics.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["PairScorer", "itm_auc", "rerank_recalls", "roc_auc"]
+
+
+def roc_auc(positive_scores, negative_scores) -> float:
+    """Area under the ROC curve: P(a positive scores above a negative), ties counted half (Mann-Whitney U)."""
+    positive = torch.as_tensor(positive_scores, dtype=torch.float64).flatten()
+    negative = torch.as_tensor(negative_scores, dtype=torch.float64).flatten()
+    if positive.numel() == 0 or negative.numel() == 0:
+        raise ValueError("roc_auc needs at least one positive and one negative score.")
+    above = (positive[:, None] > negative[None, :]).double().sum()
+    tied = (positive[:, None] == negative[None, :]).double().sum()
+    return float((above + 0.5 * tied) / (positive.numel() * negative.numel()))
+
+
+class PairScorer:
+    """GI-ITM match probabilities of (image i, text j with explanation j) for any index pairs of one split.
+
+    Images, texts and explanations are preprocessed once (padded to the longest of the split), so scoring a query's
+    top-k candidates is one forward of `model.match_probability` per batch of pairs.
+    """
+
+    def __init__(self, model, pixel_values, input_ids, attention_mask, explanation_input_ids=None,
+                 explanation_attention_mask=None, batch_size: int = 128):  # fmt: skip
+        if not hasattr(model, "match_probability"):
+            raise TypeError(f"{type(model).__name__} has no GI-ITM head (match_probability): needs EntityCLIP.")
+        self.model = model
+        self.pixel_values = pixel_values
+        self.input_ids, self.attention_mask = input_ids, attention_mask
+        self.explanation_input_ids, self.explanation_attention_mask = explanation_input_ids, explanation_attention_mask
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_dataset(cls, model, processor, dataset, use_explanations: bool = True, batch_size: int = 128):
+        """A scorer over a split with `image`, `text` and (optional) `explanation` columns."""
+        from .retrieval import _undecoded_image
+
+        images = [_undecoded_image(item) for item in dataset["image"]]
+        pixel_values = torch.cat(
+            [
+                processor(images=images[i : i + 256], return_tensors="pt")["pixel_values"]
+                for i in range(0, len(images), 256)
+            ]
+        )
+        texts = processor(text=list(dataset["text"]), padding="longest", truncation=True, return_tensors="pt")
+        explanation_ids = explanation_mask = None
+        if use_explanations and "explanation" in dataset.column_names:
+            explanations = [e if isinstance(e, str) and e.strip() else "" for e in dataset["explanation"]]
+            if any(explanations):
+                tokens = processor(text=explanations, padding="longest", truncation=True, return_tensors="pt")
+                explanation_ids, explanation_mask = tokens["input_ids"], tokens["attention_mask"].clone()
+                for row, explanation in enumerate(explanations):
+                    if not explanation:
+                        explanation_mask[row] = 0  # the model's "no explanation"
+        return cls(model, pixel_values, texts["input_ids"], texts["attention_mask"], explanation_ids, explanation_mask,
+                   batch_size)  # fmt: skip
+
+    def __len__(self) -> int:
+        return self.pixel_values.shape[0]
+
+    @torch.no_grad()
+    def __call__(self, image_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
+        """Match probability [P] of each pair (image image_rows[p], text text_rows[p])."""
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        scores = []
+        try:
+            for start in range(0, len(image_rows), self.batch_size):
+                images = image_rows[start : start + self.batch_size]
+                texts = text_rows[start : start + self.batch_size]
+                inputs = {
+                    "pixel_values": self.pixel_values[images],
+                    "input_ids": self.input_ids[texts],
+                    "attention_mask": self.attention_mask[texts],
+                }
+                if self.explanation_input_ids is not None:
+                    inputs["explanation_input_ids"] = self.explanation_input_ids[texts]
+                    inputs["explanation_attention_mask"] = self.explanation_attention_mask[texts]
+                inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
+                scores.append(self.model.match_probability(**inputs).float().cpu())
+        finally:
+            self.model.train(was_training)
+        return torch.cat(scores)
+
+
+def itm_auc(scorer: PairScorer, seed: int = 0) -> float:
+    """ITM AUC: each true pair (i, i) against a mismatched pair (i, text of another row), the other row drawn at
+    random (seeded) but never i. 0.5 = the head cannot tell; 1.0 = it always scores the true pair higher."""
+    count = len(scorer)
+    if count < 2:
+        raise ValueError("itm_auc needs at least 2 pairs.")
+    rows = torch.arange(count)
+    shift = torch.randint(1, count, (count,), generator=torch.Generator().manual_seed(seed))
+    positive = scorer(rows, rows)
+    negative = scorer(rows, (rows + shift) % count)
+    return roc_auc(positive, negative)
+
+
+def _reranked_ranks(similarity: torch.Tensor, query_is_image: bool, scorer: PairScorer, top_k: int):
+    """(CLIP rank, reranked rank) [Q] of each query's positive (query q's positive is gallery item q)."""
+    count = similarity.shape[0]
+    positives = similarity.diagonal()
+    # Ties count against the query, as in `entityclip_hf.metrics`.
+    clip_rank = (similarity >= positives[:, None]).sum(1)
+    top = similarity.topk(min(top_k, count), dim=1).indices  # [Q, k]
+    queries = torch.arange(count)[:, None].expand_as(top)
+    image_rows, text_rows = (queries, top) if query_is_image else (top, queries)
+    probabilities = scorer(image_rows.flatten(), text_rows.flatten()).view_as(top)
+    reranked = clip_rank.clone()
+    for q in range(count):
+        hit = (top[q] == q).nonzero()
+        if hit.numel():
+            position = int(hit[0])
+            # Pessimistic ties again: candidates with a probability >= the positive's are ahead of it.
+            reranked[q] = int((probabilities[q] >= probabilities[q, position]).sum())
+    return clip_rank, reranked
+
+
+def rerank_recalls(scorer: PairScorer, image_embeds, text_embeds, top_k: int = 10, ks=(1, 5, 10)) -> dict:
+    """R@K (percent) of the CLIP order and after GI-ITM reranks each query's CLIP top-`top_k`, both directions.
+
+    Keys: `clip_{i2t,t2i}_R@K`, `rerank_{i2t,t2i}_R@K`, and `rerank_top_k`. A positive outside the top-k keeps its
+    CLIP rank. `text_embeds` may be explanation-fused (the first stage then uses the explanations too).
+    """
+    image = F.normalize(torch.as_tensor(image_embeds).float(), dim=-1)
+    text = F.normalize(torch.as_tensor(text_embeds).float(), dim=-1)
+    similarity = image @ text.T
+    result: dict[str, float] = {"rerank_top_k": top_k}
+    for direction, matrix, query_is_image in (("i2t", similarity, True), ("t2i", similarity.T, False)):
+        clip_rank, reranked = _reranked_ranks(matrix, query_is_image, scorer, top_k)
+        for k in ks:
+            result[f"clip_{direction}_R@{k}"] = 100.0 * float((clip_rank <= k).double().mean())
+            result[f"rerank_{direction}_R@{k}"] = 100.0 * float((reranked <= k).double().mean())
+    return result
