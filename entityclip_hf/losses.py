@@ -4,6 +4,9 @@ Kept apart from the model (as open_clip keeps `ClipLoss` apart from `CLIP`): the
 return losses; they know about `torch.distributed` and nothing else.
 """
 
+import contextlib
+import threading
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -40,6 +43,24 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad_gathered[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def local_losses():
+    """Within this block, contrastive losses score each process's rows against its own batch only (no all-gather).
+
+    For per-process measurements (evaluation diagnostics) that must not depend on every process calling the same
+    collectives in the same order: each process can then skip batches, or run extra forwards, on its own.
+    """
+    previous = getattr(_local, "active", False)
+    _local.active = True
+    try:
+        yield
+    finally:
+        _local.active = previous
+
+
 def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
     """Concatenate `features` [B, D] from every process along dim 0, keeping the gradient path to each process.
 
@@ -65,7 +86,7 @@ def contrastive_loss(
     Returns the loss and the local `logits_per_image` [B_local, B_global].
     """
     rank, world_size = distributed_world()
-    if gather and world_size > 1:
+    if gather and world_size > 1 and not getattr(_local, "active", False):
         all_image_embeds = gather_with_grad(image_embeds)
         all_text_embeds = gather_with_grad(text_embeds)
         offset = rank * image_embeds.shape[0]
@@ -147,5 +168,6 @@ __all__ = [
     "gather_with_grad",
     "hardest_negatives",
     "itm_loss",
+    "local_losses",
     "sample_negatives",
 ]

@@ -59,7 +59,7 @@ from entityclip_hf.data.formats import get_format
 from entityclip_hf.data.loading import IMAGE_CHECKS
 from entityclip_hf.data.report import one_line
 from entityclip_hf.evaluation import format_metrics_table
-from entityclip_hf.losses import contrastive_loss
+from entityclip_hf.losses import contrastive_loss, local_losses
 from entityclip_hf.metrics import retrieval_metrics
 from entityclip_hf.processing_entityclip import EntityCLIPProcessor
 from entityclip_hf.tiny_models import tiny_clip_config, tiny_image_processor, train_bpe_tokenizer
@@ -381,9 +381,7 @@ def evaluate(model, loader, accelerator, args) -> dict[str, float]:
         for i in range(0, len(image_embeds), args.eval_batch_size)
     ]  # fmt: skip
     metrics["contrastive_loss"] = torch.stack(losses).mean().item()
-    # One process only for now: with 2 gloo processes the diagnostics' extra forwards were seen to hang a run (not
-    # yet understood); multi-process evaluation keeps the retrieval metrics and the contrastive loss.
-    if args.eval_diagnostics and accelerator.num_processes == 1:
+    if args.eval_diagnostics:
         metrics.update(evaluate_diagnostics(model, loader, accelerator))
     return metrics
 
@@ -399,13 +397,15 @@ def evaluate_diagnostics(model, loader, accelerator) -> dict[str, float]:
       loss that matches images to texts must rise towards chance (log of the batch size) here; one that stays far
       below it is solved from the explanation alone, which both sides read (the leak).
     """
+    # Each process measures its own batches with the unwrapped model and process-local losses (no DDP hooks, no
+    # all-gathers inside the forwards); only the totals below are collectives, the same calls on every process.
+    model = accelerator.unwrap_model(model)
     model.eval()
     probabilities, labels, sums, batches = [], [], {}, 0
-    with torch.random.fork_rng(devices=[]):  # negative mining must not move the training run's random state
+    with torch.random.fork_rng(devices=[]), local_losses():  # mining must not move the run's random state
         for batch in loader:
-            # The losses all-gather across processes: every process scores the same number of rows, and skips alike.
-            inputs, rows = common_rows(batch, accelerator)
-            if rows < 2 or "explanation_input_ids" not in inputs:
+            inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+            if inputs["input_ids"].shape[0] < 2 or "explanation_input_ids" not in inputs:
                 continue
             output = model(**inputs, return_loss=True)
             probabilities += output.itm_logits.float().softmax(-1)[:, 0].tolist()

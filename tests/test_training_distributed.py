@@ -76,6 +76,14 @@ def test_two_processes_really_ran(runs):
     assert log_by_step(root / "one")[1][0]["num_processes"] == 1
 
 
+def test_two_processes_log_the_evaluation_diagnostics(runs):
+    root, _ = runs
+    full, _ = log_by_step(root / "full")
+    for step in (0, 3, 6):
+        assert 0.0 <= full[step]["eval/itm_auc"] <= 1.0
+        assert full[step]["eval/expert_contrastive_loss_shuffled_images"] > 0
+
+
 def test_two_processes_follow_one_process_on_the_global_batch(runs):
     root, _ = runs
     one, _ = log_by_step(root / "one")
