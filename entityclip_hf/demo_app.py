@@ -308,6 +308,11 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--explain-server", help="an OpenAI-compatible server's URL (vLLM, TGI, llama.cpp)")
     explain.add_argument("--explain-server-model", help="the model name that server serves")
     explain.add_argument("--explain-model", help="a local transformers causal LM (folder or Hub id)")
+    explain.add_argument(
+        "--explanation-weight", type=float, default=0.0,
+        help="> 0: fuse the query's explanation into the search (explanation-aware retrieval, opt-in); 0 (default, "
+        "the paper): the explanation only informs GI-ITM reranking",
+    )  # fmt: skip
     serve = parser.add_argument_group("serving")
     serve.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                        help="address to listen on (default 127.0.0.1; a Space sets GRADIO_SERVER_NAME)")  # fmt: skip
@@ -348,7 +353,8 @@ def prepare(args):
     model, processor = load_model_and_processor(args.model, _cli_device(args.device), args.trust_remote_code)
     facts = model_facts(args.model, model)
     options = dict(index=args.index, text_index=args.text_index, dataset=args.dataset, root=args.root,
-                   split=args.split, max_samples=args.max_samples, batch_size=args.batch_size)  # fmt: skip
+                   split=args.split, max_samples=args.max_samples, batch_size=args.batch_size,
+                   explanation_weight=args.explanation_weight)  # fmt: skip
     loader = GalleryLoader(lambda report: load_gallery(model, processor, on_progress=report, **options))
     return model, processor, loader, facts
 
@@ -357,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The `entityclip-demo` command: serve the page until interrupted (or write a Space with --export-space)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if not 0.0 <= args.explanation_weight <= 1.0:
+        parser.error(f"--explanation-weight must be in [0, 1], got {args.explanation_weight}")
     if args.batch_size < 1 or (args.max_samples is not None and args.max_samples < 1):
         parser.error("--batch-size and --max-samples must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

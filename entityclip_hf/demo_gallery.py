@@ -9,7 +9,6 @@ fraction of a second, whatever the size), or both: the files' embeddings with th
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Callable
@@ -73,8 +72,13 @@ class DemoSearch:
             None when the gallery has no captions.
     """
 
-    def __init__(self, model, processor, image_index: EmbeddingIndex, images=None, texts=None, text_index=None):
+    def __init__(
+        self, model, processor, image_index: EmbeddingIndex, images=None, texts=None, text_index=None,
+        explanation_weight: float = 0.0,
+    ):  # fmt: skip
         self.model, self.processor = model, processor
+        # 0 (the paper): a query's explanation is used by GI-ITM reranking only; > 0: also fused into the query.
+        self.explanation_weight = explanation_weight
         self.image_index, self.images = image_index, images
         self.texts, self.text_index = texts, text_index
         self.can_rerank = hasattr(model, "match_probability")
@@ -125,7 +129,7 @@ class DemoSearch:
             raise UserInputError("Type a query first: the text describing the image you are looking for.")
         explanation = (explanation or "").strip() or None
         k, notes = self._checked_k(k, self.num_images, "images")
-        query_embedding = encode_query(self.model, self.processor, query, explanation)
+        query_embedding = encode_query(self.model, self.processor, query, explanation, self.explanation_weight)
         hits = self.image_index.search(query_embedding, k=k)
         truth = self.ground_truth_ids(query)
         clip = _hits(hits, truth)
@@ -196,14 +200,16 @@ class DemoSearch:
             )
 
 
-def encode_query(model, processor, query: str, explanation: str | None) -> torch.Tensor:
-    """The CLIP embedding of a text query, with its explanation where `encode_texts` accepts one.
-
-    MERGE NOTE (single call site): `encode_texts(..., explanations=...)` arrives from another branch; until then the
-    explanation is used by GI-ITM reranking only, as in the paper (retrieval uses the CLIP text embedding).
-    """
-    if explanation and "explanations" in inspect.signature(encode_texts).parameters:
-        return encode_texts(model, processor, [query], explanations=[explanation], progress=False)
+def encode_query(
+    model, processor, query: str, explanation: str | None, explanation_weight: float = 0.0
+) -> torch.Tensor:
+    """The CLIP embedding of a text query; with an explanation and `explanation_weight` > 0, the explanation-aware
+    embedding `normalize((1 - w) text + w explanation)` (measured to help: README, "Does it help?")."""
+    if explanation and explanation_weight > 0:
+        return encode_texts(
+            model, processor, [query], explanations=[explanation], explanation_weight=explanation_weight,
+            progress=False,
+        )  # fmt: skip
     return encode_texts(model, processor, [query], progress=False)
 
 
@@ -286,6 +292,7 @@ def load_gallery(
     max_samples: int | None = None,
     batch_size: int = 64,
     on_progress: ProgressCallback | None = None,
+    explanation_weight: float = 0.0,
 ) -> DemoSearch:
     """Build the demo's gallery from a dataset split, embedding files, or both (files' embeddings, split's items).
 
@@ -312,7 +319,10 @@ def load_gallery(
         raise ValueError("--text-index needs --dataset: the captions themselves come from the split.")
     _check_dimension(model, processor, image_index, index or "the encoded gallery")
     report(1.0, "ready")
-    return DemoSearch(model, processor, image_index, images=images, texts=texts, text_index=text_index_obj)
+    return DemoSearch(
+        model, processor, image_index, images=images, texts=texts, text_index=text_index_obj,
+        explanation_weight=explanation_weight,
+    )  # fmt: skip
 
 
 def _split_ids(data) -> list:

@@ -863,6 +863,11 @@ def train(args) -> dict:
         )
         log(f"pushed best/ to {args.hub_model_id}: {getattr(commit, 'commit_url', commit)}")
     accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Leave together, then close the process group explicitly: a gloo group torn down by garbage collection at
+        # exit, after the peer process has gone, was seen to hang the last process (2 CPU processes, torch 2.13).
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
     if log_file:
         log_file.close()
     return results

@@ -428,3 +428,22 @@ def test_the_command_says_what_is_missing(setup, capsys):
     assert "entityclip-demo: error: give the gallery" in capsys.readouterr().err
     assert main(["--model", str(model_folder), "--index", "/nowhere/gallery.safetensors"]) == 2
     assert "entityclip-demo: error: --index /nowhere/gallery.safetensors: no such file" in capsys.readouterr().err
+
+
+def test_explanation_weight_fuses_the_explanation_into_the_search(setup):
+    """--explanation-weight w > 0: the query is normalize((1-w) text + w explanation); 0 (default): the text alone."""
+    _, root, reference = setup
+    query, explanation = "Oren Ambrose hands out the prizes.", "Oren Ambrose is a person in a red jacket."
+    plain = load_gallery(reference.model, reference.processor, dataset="jsonl", root=str(root))
+    fused = load_gallery(reference.model, reference.processor, dataset="jsonl", root=str(root), explanation_weight=0.6)
+    expected_plain = encode_texts(reference.model, reference.processor, [query], progress=False)
+    expected_fused = encode_texts(
+        reference.model, reference.processor, [query], explanations=[explanation], explanation_weight=0.6,
+        progress=False,
+    )  # fmt: skip
+    for search, expected in ((plain, expected_plain), (fused, expected_fused)):
+        hits = search.image_index.search(expected, k=8)
+        result = search.search_images(query, 8, explanation=explanation)
+        assert [hit.id for hit in result.clip] == hits.ids[0]
+        assert [hit.score for hit in result.clip] == pytest.approx(hits.scores[0].tolist(), abs=1e-5)
+    assert not torch.allclose(expected_plain, expected_fused)
