@@ -341,8 +341,8 @@ def _explainer(args):
 
 def prepare(args):
     """Load the model and start the gallery's preparation: `(model, processor, loader, facts)`."""
-    from .evaluation import load_model_and_processor
-    from .retrieval import _cli_device
+    from .loaders import load_model_and_processor
+    from .retrieval.cli import _cli_device
 
     if args.index is None and args.dataset is None:
         raise ValueError("give the gallery: --index FILE, --dataset NAME (with --root), or both.")

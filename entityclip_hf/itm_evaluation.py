@@ -46,7 +46,7 @@ class PairScorer:
     @classmethod
     def from_dataset(cls, model, processor, dataset, use_explanations: bool = True, batch_size: int = 128):
         """A scorer over a split with `image`, `text` and (optional) `explanation` columns."""
-        from .retrieval import _undecoded_image
+        from .retrieval.encode import _undecoded_image
 
         images = [_undecoded_image(item) for item in dataset["image"]]
         pixel_values = torch.cat(

@@ -182,7 +182,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
 
 
 def test_many_ids_go_to_a_checked_sidecar(tmp_path, monkeypatch):
-    monkeypatch.setattr(retrieval, "MAX_IDS_IN_HEADER_BYTES", 20)
+    monkeypatch.setattr(retrieval.embeddings, "MAX_IDS_IN_HEADER_BYTES", 20)
     embeddings = torch.randn(6, 4)
     ids = [f"item-{i}" for i in range(6)]
     path = save_embeddings(tmp_path / "g.safetensors", embeddings, ids=ids)
@@ -194,7 +194,7 @@ def test_many_ids_go_to_a_checked_sidecar(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="checksum mismatch"):
         load_embeddings(path)
     # A later save with few ids keeps them in the header and removes the stale sidecar.
-    monkeypatch.setattr(retrieval, "MAX_IDS_IN_HEADER_BYTES", 1 << 20)
+    monkeypatch.setattr(retrieval.embeddings, "MAX_IDS_IN_HEADER_BYTES", 1 << 20)
     save_embeddings(path, embeddings, ids=ids)
     assert not sidecar.exists() and load_embeddings(path).ids == ids
 
@@ -205,7 +205,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(retrieval, "save_file", crash)
+    monkeypatch.setattr(retrieval.embeddings, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         save_embeddings(path, torch.zeros(2, 3), ids=["c", "d"])
     stored = load_embeddings(path)
@@ -409,3 +409,16 @@ def test_rerank_rejects_bad_input(model, tiny_processor, tiny_clip_config):
         rerank_with_itm(model, tiny_processor, "query", [images[0], "/nonexistent/photo.jpg"])
     with pytest.raises(TypeError, match="no GI-ITM head"):
         rerank_with_itm(CLIPModel(tiny_clip_config), tiny_processor, "query", images)
+
+
+def test_retrieval_and_evaluation_do_not_import_each_other():
+    """One direction of imports: retrieval/ and evaluation.py share loaders.py; retrieval never imports evaluation."""
+    import ast
+    from pathlib import Path
+
+    package = Path(retrieval.__file__).parent
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "evaluation" not in (node.module or ""), f"{path.name} imports {node.module}"
+    assert {"encode.py", "embeddings.py", "index.py", "rerank.py", "cli.py"} <= {p.name for p in package.glob("*.py")}
