@@ -96,6 +96,7 @@ VARIANTS = {
     "explanation_contrastive_weight=1": {"explanation_contrastive_weight": 1.0},
     "expert_loss_reads_candidate_explanation": {"expert_loss_reads_candidate_explanation": True},
     "itm_cross_attention": {"itm_cross_attention": True},
+    "explanation_encoder_gradient=False": {"explanation_encoder_gradient": False},
     "all three": {
         "explanation_contrastive_weight": 1.0,
         "expert_loss_reads_candidate_explanation": True,

@@ -304,7 +304,7 @@ def load_gallery(
         raise ValueError("give the gallery: --index FILE (an image embedding file), --dataset NAME, or both.")
     split_data = None
     if dataset is not None:
-        from .evaluation import load_split
+        from .loaders import load_split
 
         report(0.0, f"reading the {dataset} {split} split")
         # With embedding files the images are read only when shown: no need to check every file up front.
