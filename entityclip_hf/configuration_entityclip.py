@@ -40,7 +40,8 @@ class EntityCLIPConfig(PreTrainedConfig):
         explanation_encoder_gradient (`bool`, defaults to `True`):
             Backpropagate through CLIP's text encoder on the explanation pass, as the paper does. `False` (opt-in,
             cheaper) encodes explanations without a gradient: the experts still learn from the explanation tokens,
-            but the text encoder learns only from the texts, which saves that pass's backward and its activations.
+            but the text encoder learns only from the texts, which saves that pass's backward and its activations
+            (ViT-B/32, batch 32: 0.788x the paper's training-step FLOPs, `bench/bench_training_step.py --variant-flops`).
 
     Variants that carry explanations into what retrieval uses (opt-in; the defaults are the paper's; measured
     effect and cost in `bench/README.md`):
