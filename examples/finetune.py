@@ -863,13 +863,19 @@ def train(args) -> dict:
         )
         log(f"pushed best/ to {args.hub_model_id}: {getattr(commit, 'commit_url', commit)}")
     accelerator.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Leave together, then close the process group explicitly: a gloo group torn down by garbage collection at
-        # exit, after the peer process has gone, was seen to hang the last process (2 CPU processes, torch 2.13).
-        accelerator.wait_for_everyone()
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
+        accelerator.wait_for_everyone()  # every process has written what it writes
         torch.distributed.destroy_process_group()
     if log_file:
         log_file.close()
+    if distributed and os.environ.get("LOCAL_RANK") is not None:
+        # A launched process (accelerate launch / torchrun) ends here, everything written and closed: tearing down
+        # this function's objects after the peer process has exited was seen to hang the last one at exit (2 gloo
+        # CPU processes, torch 2.13; stuck in native destructors, not in Python). Its results are in output_dir.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return results
 
 
