@@ -21,13 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cache import ExplanationCache, iter_cache_records, unstorable_text_problem
+from .cache import ExplanationCache, iter_cache_records, unstorable_text_problem, write_json_lines_atomically
 from .prompt import PROMPT_VERSION, build_messages, build_plain_prompt
 from .results import DEFAULT_MAX_ANSWER_CHARS, ExplanationResult, cap_answer, result_from_completion
 from .shards import check_shard, shard_of, text_hash
@@ -59,21 +58,6 @@ def batch_request(text: str, model: str, endpoint: str, max_new_tokens: int, tem
     else:
         body["prompt"] = build_plain_prompt(text)
     return {"custom_id": custom_id_of(text), "method": "POST", "url": ENDPOINT_URLS[endpoint], "body": body}
-
-
-def _write_atomically(path: Path, lines: Iterable[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            for line in lines:
-                handle.write((json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -139,10 +123,10 @@ def export_batch(
         path = output if len(chunks) == 1 else output.with_name(f"{output.stem}-{number:05d}{output.suffix}")
         # The sidecar first: a request file never exists without the map that reads its answers back.
         header = {"model": model_id, "prompt_version": prompt_version, "endpoint": endpoint, "requests": path.name}
-        _write_atomically(
+        write_json_lines_atomically(
             sidecar_path(path), [header, *({"custom_id": custom_id_of(text), "text": text} for text in chunk)]
         )
-        _write_atomically(
+        write_json_lines_atomically(
             path, (batch_request(text, server_model, endpoint, max_new_tokens, temperature) for text in chunk)
         )
         summary.files.append(path)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -252,3 +253,19 @@ def unstorable_text_problem(text: str) -> str | None:
             f"an emoji?), which UTF-8 cannot store: {escape_unstorable(text[:200])!r}"
         )
     return None
+
+
+def write_json_lines_atomically(path: Path, lines: Iterable[dict[str, Any]]) -> None:
+    """Write `lines` as JSON lines to `path` in one rename: readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            for line in lines:
+                handle.write((json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -7,13 +7,11 @@ process): every worker, on any machine, puts each text in the same shard.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cache import cache_files, iter_cache_records
+from .cache import cache_files, iter_cache_records, write_json_lines_atomically
 from .prompt import PROMPT_VERSION
 
 
@@ -75,16 +73,5 @@ def merge_caches(
     records = list(chosen.values())
     if keep_failures:
         records += [record for key, record in failures.items() if key not in chosen]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            for record in records:
-                handle.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, output)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_json_lines_atomically(output, records)
     return {"files": len(files), "records_read": read, "written": len(records), "ok": len(chosen)}
