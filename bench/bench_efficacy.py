@@ -40,7 +40,7 @@ from efficacy_data import all_entity_texts, write_entity_conditions  # noqa: E40
 from efficacy_pretrain import pretrain_stage1  # noqa: E402
 
 from entityclip_hf.ablation import comparison_table, summarize_arms  # noqa: E402
-from entityclip_hf.itm_evaluation import PairScorer, itm_auc, rerank_recalls  # noqa: E402
+from entityclip_hf.itm_evaluation import PairScorer, itm_auc, rerank_recalls_by_clip_weight  # noqa: E402
 from entityclip_hf.metrics import retrieval_metrics  # noqa: E402
 from entityclip_hf.retrieval import encode_explanations, encode_images, encode_texts  # noqa: E402
 
@@ -53,11 +53,14 @@ CONDITIONS = {
 }
 WEIGHTS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)  # explanation weights tried on validation
 RERANK_TOP_K = 10
+# Reranking scores tried on validation: GI-ITM's probability alone (None), or its log-odds + w x the CLIP logit.
+CLIP_WEIGHTS = (None, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 # The arms of the benchmark: ablate.py's presets, then the variants (flags of finetune.py).
 BENCH_ARMS = {
     name: ARM_FLAGS[name]
     for name in (
-        "plain", "entityclip", "no_explanations", "explanation_loss", "leak_free_experts", "cross_itm", "all_variants"
+        "plain", "entityclip", "no_explanations", "explanation_loss", "leak_free_experts", "cross_itm", "all_variants",
+        "itm_reranker", "itm_reranker_no_cross_attention",
     )
 }  # fmt: skip
 # Stage 2's recipe, the same for every arm (chosen on the seen validation split with the plain arm).
@@ -152,25 +155,39 @@ def choose_weight(evaluations: dict[int, dict]) -> float:
 
 
 def itm_diagnostics(folder: Path, conditions: dict, weight: float) -> dict:
-    """ITM AUC and GI-ITM reranking of the CLIP top-k (first stage fused at `weight`) on the test conditions."""
-    cache = folder / f"efficacy_itm_w{weight}.json"
+    """ITM AUC and GI-ITM reranking of the first stage's top k (texts fused at `weight`) on every condition, for each
+    reranking score of CLIP_WEIGHTS (chosen later on the validation conditions)."""
+    cache = folder / f"efficacy_rerank_w{weight}.json"
     if cache.exists():
         return json.loads(cache.read_text())
+    from entityclip_hf.retrieval import fuse_explanation_embeddings
+
     model, processor = load_entityclip(folder / "best")
     result = {}
-    for name in ("test_seen", "test_unseen"):
-        data = conditions[name]
+    for name, data in conditions.items():
         scorer = PairScorer.from_dataset(model, processor, data)
         embeddings = embed(model, processor, data)
-        from entityclip_hf.retrieval import fuse_explanation_embeddings
-
         text = fuse_explanation_embeddings(embeddings["text"], embeddings["explanation"], weight)
-        rerank = rerank_recalls(scorer, embeddings["image"], text, top_k=RERANK_TOP_K)
-        result[name] = {"itm_auc": 100 * itm_auc(scorer), **rerank}
-        for prefix in ("clip", "rerank"):
-            result[name][f"{prefix}_R@1"] = (rerank[f"{prefix}_i2t_R@1"] + rerank[f"{prefix}_t2i_R@1"]) / 2
+        by_weight = rerank_recalls_by_clip_weight(scorer, embeddings["image"], text, CLIP_WEIGHTS, top_k=RERANK_TOP_K)
+        entry = {"itm_auc": 100 * itm_auc(scorer)}
+        for clip_weight, rerank in by_weight.items():
+            entry["clip_R@1"] = (rerank["clip_i2t_R@1"] + rerank["clip_t2i_R@1"]) / 2
+            entry[f"rerank_R@1 clip_weight={clip_weight}"] = (rerank["rerank_i2t_R@1"] + rerank["rerank_t2i_R@1"]) / 2
+        result[name] = entry
     cache.write_text(json.dumps(result, indent=1))
     return result
+
+
+def choose_clip_weight(diagnostics: dict[int, dict]) -> float:
+    """The CLIP weight of the fused reranking score with the best mean reranked R@1 over seeds on the seen AND the
+    unseen validation splits (never on test)."""
+
+    def score(clip_weight) -> float:
+        key = f"rerank_R@1 clip_weight={clip_weight}"
+        values = [(run["val_seen"][key] + run["val_unseen"][key]) / 2 for run in diagnostics.values()]
+        return sum(values) / len(values)
+
+    return max((w for w in CLIP_WEIGHTS if w is not None), key=score)
 
 
 LEAK_KEYS = {
@@ -190,11 +207,12 @@ def training_diagnostics(folder: Path) -> dict:
     return {label: last[key] for key, label in LEAK_KEYS.items() if key in last}
 
 
-def rows_for_tables(arms, evaluations, weights, diagnostics):
+def rows_for_tables(arms, evaluations, weights, diagnostics, clip_weights):
     """arm label -> seed -> flat metrics ("seen R@1", "unseen rsum", "seen ITM AUC", ...) for the comparison tables."""
     rows = {}
     for arm in arms:
-        for label, weight in ((arm, "0.0"), (f"{arm} + explanation queries (w={weights[arm]})", str(weights[arm]))):
+        explained = f"{arm} + explanation queries (w={weights[arm]}, rerank clip_weight={clip_weights[arm]})"
+        for label, weight in ((arm, "0.0"), (explained, str(weights[arm]))):
             rows[label] = {}
             for seed, run in evaluations[arm].items():
                 flat = {}
@@ -205,7 +223,9 @@ def rows_for_tables(arms, evaluations, weights, diagnostics):
                         itm = diagnostics[arm][seed][condition]
                         flat[f"{short} ITM AUC"] = itm["itm_auc"]
                         flat[f"{short} CLIP R@1"] = itm["clip_R@1"]
-                        flat[f"{short} reranked R@1"] = itm["rerank_R@1"]
+                        flat[f"{short} GI-ITM reranked R@1"] = itm["rerank_R@1 clip_weight=None"]
+                        flat[f"{short} fused reranked R@1"] = itm[f"rerank_R@1 clip_weight={clip_weights[arm]}"]
+                        flat[f"{short} rerank gain"] = flat[f"{short} fused reranked R@1"] - itm["clip_R@1"]
                 rows[label][seed] = flat
     return rows
 
@@ -265,7 +285,8 @@ def main(argv=None):
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for arm, seed, result in pool.map(itm, [(arm, seed) for arm in args.arms for seed in args.seeds]):
             diagnostics.setdefault(arm, {})[seed] = result
-    rows = rows_for_tables(args.arms, evaluations, weights, diagnostics)
+    clip_weights = {arm: choose_clip_weight(diagnostics[arm]) for arm in args.arms}
+    rows = rows_for_tables(args.arms, evaluations, weights, diagnostics, clip_weights)
     leak = {arm: {seed: training_diagnostics(work / "runs" / arm / f"seed{seed}") for seed in args.seeds}
             for arm in args.arms}  # fmt: skip
     baseline = "plain" if "plain" in args.arms else None
@@ -291,6 +312,7 @@ def main(argv=None):
         "stage1": stage1_info,
         "zero_shot": zero_shot,
         "weights": weights,
+        "rerank_clip_weights": clip_weights,
         "evaluations": evaluations,
         "itm": diagnostics,
         "training_diagnostics": leak,
@@ -320,16 +342,21 @@ def render_tables(rows, zero_shot, data_info, baseline, seeds) -> str:
         "\nUnseen entities, with explanations (test):\n",
         comparison_table(rows, ["unseen R@1", "unseen R@5", "unseen rsum"], baseline),
         "\nGI-ITM: AUC (true vs mismatched pairs, %) and R@1 after reranking the first stage's top "
-        f"{RERANK_TOP_K} (test):\n",
+        f"{RERANK_TOP_K} (test), by GI-ITM's probability alone and by its log-odds + clip_weight x the CLIP logit "
+        "(clip_weight chosen per arm on both validation splits):\n",
         comparison_table(
             {label: row for label, row in rows.items() if "explanation queries" in label},
             [
                 "seen ITM AUC",
                 "seen CLIP R@1",
-                "seen reranked R@1",
+                "seen GI-ITM reranked R@1",
+                "seen fused reranked R@1",
+                "seen rerank gain",
                 "unseen ITM AUC",
                 "unseen CLIP R@1",
-                "unseen reranked R@1",
+                "unseen GI-ITM reranked R@1",
+                "unseen fused reranked R@1",
+                "unseen rerank gain",
             ],
         ),  # fmt: skip
         "\nStage-1 CLIP without fine-tuning (one model), R@1 by query: caption / caption + explanation (w=0.5) / "

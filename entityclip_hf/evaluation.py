@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -184,6 +185,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also report R@K after GI-ITM (EntityCLIP) reranks each query's top K of the CLIP order",
     )  # fmt: skip
     parser.add_argument(
+        "--rerank_clip_weight", "--rerank-clip-weight", type=float, nargs="+", metavar="W",
+        help="with --rerank_top_k: also rerank by GI-ITM's log-odds + W x the CLIP logit, for each W given (pick W "
+        "on a validation split, then use it with entityclip-search --rerank-clip-weight)",
+    )  # fmt: skip
+    parser.add_argument(
         "--min-gallery-size",
         type=int,
         default=100,
@@ -204,6 +210,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--explanation_weight must be in [0, 1]")
     if args.rerank_top_k < 0:
         parser.error("--rerank_top_k must be >= 0")
+    for weight in args.rerank_clip_weight or ():
+        if not (math.isfinite(weight) and weight >= 0):
+            parser.error(f"--rerank_clip_weight must be finite numbers >= 0, got {weight}")
+    if args.rerank_clip_weight and not args.rerank_top_k:
+        parser.error("--rerank_clip_weight needs --rerank_top_k")
     if args.min_gallery_size < 1:
         parser.error("--min-gallery-size must be >= 1")
     return args
@@ -239,15 +250,19 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             progress=not args.no_progress,
             explanation_weight=args.explanation_weight,
         )
-        rerank = _rerank(model, processor, data, result, args.rerank_top_k) if args.rerank_top_k else None
+        clip_weights = [None, *(args.rerank_clip_weight or [])]
+        reranks = (
+            _rerank(model, processor, data, result, args.rerank_top_k, clip_weights) if args.rerank_top_k else None
+        )
+        rerank = reranks[None] if reranks else None
     except (ValueError, OSError, TypeError) as error:  # a user error (a folder, a file, an argument): one line, exit 2
         print(f"entityclip-eval: error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from error
 
     title = f"{args.model} on {args.dataset}/{args.split}: {result.num_pairs} pairs, {result.seconds:.1f} s on {device}"
     print(format_metrics_table(result.metrics, title))
-    if rerank is not None:
-        print(_format_rerank(rerank))
+    for clip_weight, block in (reranks or {}).items():
+        print(_format_rerank(block, clip_weight))
     if result.skipped:
         shown = ", ".join(str(item["id"] if item["id"] is not None else item["index"]) for item in result.skipped[:10])
         more = " ..." if len(result.skipped) > 10 else ""
@@ -276,6 +291,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     if rerank is not None:
         report["rerank"] = rerank
+        if len(reranks) > 1:
+            report["rerank_by_clip_weight"] = {str(w): block for w, block in reranks.items() if w is not None}
     if args.output:
         output = Path(args.output)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -285,17 +302,24 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return report
 
 
-def _rerank(model, processor, data, result: EvaluationResult, top_k: int) -> dict[str, float]:
-    """R@K of the CLIP order and after GI-ITM reranks each query's top `top_k` (texts with their explanations)."""
-    from .itm_evaluation import PairScorer, rerank_recalls
+def _rerank(model, processor, data, result: EvaluationResult, top_k: int, clip_weights) -> dict:
+    """{clip weight: R@K of the CLIP order and after GI-ITM reranks each query's top `top_k`} (texts with their
+    explanations; clip weight None: by GI-ITM's probability alone)."""
+    from .itm_evaluation import PairScorer, rerank_recalls_by_clip_weight
 
     kept = data.select(result.kept_rows) if len(result.kept_rows) != len(data) else data
     scorer = PairScorer.from_dataset(model, processor, kept)
-    return rerank_recalls(scorer, result.image_embeds, result.text_embeds, top_k=min(top_k, len(kept)))
+    return rerank_recalls_by_clip_weight(
+        scorer, result.image_embeds, result.text_embeds, clip_weights, top_k=min(top_k, len(kept))
+    )
 
 
-def _format_rerank(rerank: dict[str, float]) -> str:
-    lines = [f"GI-ITM reranking of the top {rerank['rerank_top_k']}:", f"{'':<24}{'R@1':>8}{'R@5':>8}{'R@10':>8}"]
+def _format_rerank(rerank: dict[str, float], clip_weight: float | None = None) -> str:
+    how = "GI-ITM's probability" if clip_weight is None else f"GI-ITM's log-odds + {clip_weight:g} x the CLIP logit"
+    lines = [
+        f"GI-ITM reranking of the top {rerank['rerank_top_k']}, by {how}:",
+        f"{'':<24}{'R@1':>8}{'R@5':>8}{'R@10':>8}",
+    ]
     for direction, name in _DIRECTIONS:
         for prefix, label in (("clip", "CLIP order"), ("rerank", "reranked")):
             cells = "".join(f"{rerank[f'{prefix}_{direction}_R@{k}']:>8.2f}" for k in (1, 5, 10))

@@ -3,6 +3,7 @@
     scorer = PairScorer.from_dataset(model, processor, split)          # images, texts, explanations preprocessed once
     itm_auc(scorer)                                                    # true pairs vs mismatched pairs
     rerank_recalls(scorer, image_embeds, text_embeds, top_k=10)        # R@K of the CLIP order and after reranking
+    rerank_recalls(..., clip_weight=2.0)                               # reranked by ITM log-odds + 2 x CLIP logit
 
 `entityclip-eval --rerank_top_k K` and `examples/finetune.py`'s evaluation report these beside the CLIP metrics.
 """
@@ -12,7 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PairScorer", "itm_auc", "rerank_recalls", "roc_auc"]
+from .retrieval.rerank import fused_rerank_scores
+
+__all__ = ["PairScorer", "fused_rerank_scores", "itm_auc", "rerank_recalls", "rerank_recalls_by_clip_weight", "roc_auc"]
 
 
 def roc_auc(positive_scores, negative_scores) -> float:
@@ -110,8 +113,9 @@ def itm_auc(scorer: PairScorer, seed: int = 0) -> float:
     return roc_auc(positive, negative)
 
 
-def _reranked_ranks(similarity: torch.Tensor, query_is_image: bool, scorer: PairScorer, top_k: int):
-    """(CLIP rank, reranked rank) [Q] of each query's positive (query q's positive is gallery item q)."""
+def _top_k_scores(similarity: torch.Tensor, query_is_image: bool, scorer: PairScorer, top_k: int):
+    """Each query's CLIP rank of its positive (query q's positive is gallery item q), its top k, and the GI-ITM
+    probabilities of those candidates."""
     count = similarity.shape[0]
     positives = similarity.diagonal()
     # Ties count against the query, as in `entityclip_hf.metrics`.
@@ -120,29 +124,62 @@ def _reranked_ranks(similarity: torch.Tensor, query_is_image: bool, scorer: Pair
     queries = torch.arange(count)[:, None].expand_as(top)
     image_rows, text_rows = (queries, top) if query_is_image else (top, queries)
     probabilities = scorer(image_rows.flatten(), text_rows.flatten()).view_as(top)
+    return clip_rank, top, probabilities
+
+
+def _reranked_ranks(clip_rank: torch.Tensor, top: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """The positive's rank after reordering each query's top k by `scores` [Q, k]; outside the top k it keeps its
+    CLIP rank."""
     reranked = clip_rank.clone()
-    for q in range(count):
+    for q in range(top.shape[0]):
         hit = (top[q] == q).nonzero()
         if hit.numel():
             position = int(hit[0])
-            # Pessimistic ties again: candidates with a probability >= the positive's are ahead of it.
-            reranked[q] = int((probabilities[q] >= probabilities[q, position]).sum())
-    return clip_rank, reranked
+            # Pessimistic ties again: candidates scoring >= the positive are ahead of it.
+            reranked[q] = int((scores[q] >= scores[q, position]).sum())
+    return reranked
 
 
-def rerank_recalls(scorer: PairScorer, image_embeds, text_embeds, top_k: int = 10, ks=(1, 5, 10)) -> dict:
-    """R@K (percent) of the CLIP order and after GI-ITM reranks each query's CLIP top-`top_k`, both directions.
+def rerank_recalls_by_clip_weight(
+    scorer: PairScorer, image_embeds, text_embeds, clip_weights, top_k: int = 10, ks=(1, 5, 10), logit_scale=None
+) -> dict:
+    """`rerank_recalls` for each of `clip_weights` (None: GI-ITM alone), scoring the candidates with GI-ITM once.
 
-    Keys: `clip_{i2t,t2i}_R@K`, `rerank_{i2t,t2i}_R@K`, and `rerank_top_k`. A positive outside the top-k keeps its
-    CLIP rank. `text_embeds` may be explanation-fused (the first stage then uses the explanations too).
+    `logit_scale` (the CLIP logits' temperature, `exp` already applied) defaults to the scorer's model's. Returns
+    {clip_weight: recalls}.
     """
     image = F.normalize(torch.as_tensor(image_embeds).float(), dim=-1)
     text = F.normalize(torch.as_tensor(text_embeds).float(), dim=-1)
+    if logit_scale is None and any(weight is not None for weight in clip_weights):
+        logit_scale = float(scorer.model.clip.logit_scale.detach().exp())
     similarity = image @ text.T
-    result: dict[str, float] = {"rerank_top_k": top_k}
+    results = {weight: {"rerank_top_k": top_k, "clip_weight": weight} for weight in clip_weights}
     for direction, matrix, query_is_image in (("i2t", similarity, True), ("t2i", similarity.T, False)):
-        clip_rank, reranked = _reranked_ranks(matrix, query_is_image, scorer, top_k)
-        for k in ks:
-            result[f"clip_{direction}_R@{k}"] = 100.0 * float((clip_rank <= k).double().mean())
-            result[f"rerank_{direction}_R@{k}"] = 100.0 * float((reranked <= k).double().mean())
-    return result
+        clip_rank, top, probabilities = _top_k_scores(matrix, query_is_image, scorer, top_k)
+        clip_logits = matrix.gather(1, top) * (logit_scale or 0.0)
+        for weight in clip_weights:
+            reranked = _reranked_ranks(clip_rank, top, fused_rerank_scores(probabilities, clip_logits, weight))
+            for k in ks:
+                results[weight][f"clip_{direction}_R@{k}"] = 100.0 * float((clip_rank <= k).double().mean())
+                results[weight][f"rerank_{direction}_R@{k}"] = 100.0 * float((reranked <= k).double().mean())
+    return results
+
+
+def rerank_recalls(
+    scorer: PairScorer,
+    image_embeds,
+    text_embeds,
+    top_k: int = 10,
+    ks=(1, 5, 10),
+    clip_weight: float | None = None,
+    logit_scale: float | None = None,
+) -> dict:
+    """R@K (percent) of the CLIP order and after GI-ITM reranks each query's CLIP top-`top_k`, both directions.
+
+    Keys: `clip_{i2t,t2i}_R@K`, `rerank_{i2t,t2i}_R@K`, `rerank_top_k` and `clip_weight`. A positive outside the
+    top-k keeps its CLIP rank. `text_embeds` may be explanation-fused (the first stage then uses the explanations too).
+    `clip_weight`: see `fused_rerank_scores` (None: reorder by GI-ITM's probability alone).
+    """
+    return rerank_recalls_by_clip_weight(scorer, image_embeds, text_embeds, [clip_weight], top_k, ks, logit_scale)[
+        clip_weight
+    ]

@@ -31,8 +31,32 @@ ARM_FLAGS: dict[str, list[str]] = {
     "leak_free_experts": ["--expert_loss_reads_candidate_explanation", "true"],  # expert loss, candidates' expl.
     "cross_itm": ["--itm_cross_attention", "true"],  # GI-ITM with text-to-image cross-attention
     "all_variants": [
-        "--explanation_contrastive_weight", "1.0", "--expert_loss_reads_candidate_explanation", "true",
-        "--itm_cross_attention", "true",
+        "--explanation_contrastive_weight",
+        "1.0",
+        "--expert_loss_reads_candidate_explanation",
+        "true",
+        "--itm_cross_attention",
+        "true",
+    ],  # fmt: skip
+    # A GI-ITM that learns enough to rerank: its new layers at 10x CLIP's learning rate (bench_efficacy.py's recipe:
+    # 2e-4), the ITM loss at weight 1, cross-attention; on top of the explanation-aware training term.
+    "itm_reranker": [
+        "--explanation_contrastive_weight",
+        "1.0",
+        "--itm_cross_attention",
+        "true",
+        "--gamma",
+        "1",
+        "--head_learning_rate",
+        "2e-3",
+    ],  # fmt: skip
+    "itm_reranker_no_cross_attention": [
+        "--explanation_contrastive_weight",
+        "1.0",
+        "--gamma",
+        "1",
+        "--head_learning_rate",
+        "2e-3",
     ],  # fmt: skip
 }
 DEFAULT_METRICS = ("i2t_R@1", "t2i_R@1", "R@1", "rsum")

@@ -141,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=32, help="pairs per process per step (global = x processes)")
     p.add_argument("--eval_batch_size", type=int, default=64, help="pairs per process per evaluation batch")
     p.add_argument("--learning_rate", type=float, default=1e-5)
+    p.add_argument(
+        "--head_learning_rate", type=float,
+        help="learning rate of EntityCLIP's new layers (experts, gates, GI-ITM), which start from scratch while CLIP "
+        "starts trained (default: --learning_rate, as the paper)",
+    )  # fmt: skip
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decay (never on biases, norms, scales)")
     p.add_argument("--adam_beta1", type=float, default=0.9)
     p.add_argument("--adam_beta2", type=float, default=0.999)
@@ -227,6 +232,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in POSITIVE_FLAGS + NON_NEGATIVE_FLAGS:
         if getattr(args, name) < (1 if name in POSITIVE_FLAGS else 0):
             parser.error(f"--{name} must be >= {1 if name in POSITIVE_FLAGS else 0}, got {getattr(args, name)}")
+    if args.head_learning_rate is not None and not args.head_learning_rate > 0:
+        parser.error(f"--head_learning_rate must be > 0, got {args.head_learning_rate}")
     if args.dataset != "demo":
         try:
             get_format(args.dataset)
@@ -337,14 +344,14 @@ def make_dataloaders(args, datasets, processor):
 
 def make_optimizer(args, model, device):
     """AdamW; no weight decay on biases, norms, gains and `logit_scale` (as open_clip)."""
-    decay, no_decay = [], []
+    head_lr = args.head_learning_rate if args.head_learning_rate is not None else args.learning_rate
+    groups = {}  # (learning rate, weight decay) -> parameters
     for name, param in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
-        if param.ndim < 2 or "bias" in leaf or leaf.startswith("ln_") or "logit_scale" in name:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = param.ndim < 2 or "bias" in leaf or leaf.startswith("ln_") or "logit_scale" in name
+        lr = args.learning_rate if name.startswith("clip.") else head_lr
+        groups.setdefault((lr, 0.0 if no_decay else args.weight_decay), []).append(param)
+    groups = [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
     return torch.optim.AdamW(
         groups,
         lr=args.learning_rate,

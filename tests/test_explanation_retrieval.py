@@ -113,6 +113,35 @@ def test_eval_with_explanation_weight_and_rerank_top_k(model_folder, data_root, 
     assert "GI-ITM reranking of the top 3" in out and "text → image, reranked" in out
 
 
+def test_eval_reports_the_fused_rerank_for_each_clip_weight(model_folder, data_root, capsys):
+    base = ["--model", str(model_folder), "--dataset", "jsonl", "--root", str(data_root), "--no-progress"]
+    report = run_eval([*base, "--rerank_top_k", "4", "--rerank_clip_weight", "0", "1000"])
+    by_weight = report["rerank_by_clip_weight"]
+    assert sorted(by_weight) == ["0.0", "1000.0"]
+    # A huge CLIP weight is the CLIP order again; GI-ITM alone stays reported under "rerank".
+    for direction in ("i2t", "t2i"):
+        assert by_weight["1000.0"][f"rerank_{direction}_R@1"] == by_weight["1000.0"][f"clip_{direction}_R@1"]
+    assert report["rerank"]["clip_weight"] is None
+    assert "by GI-ITM's log-odds + 1000 x the CLIP logit" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run_eval([*base, "--rerank_clip_weight", "1"])  # without --rerank_top_k
+    with pytest.raises(SystemExit):
+        run_eval([*base, "--rerank_top_k", "4", "--rerank_clip_weight", "-1"])
+
+
+def test_search_reranks_by_the_fused_score(model_folder, data_root):
+    base = ["search", "--model", str(model_folder), "--images-from", "jsonl", "--root", str(data_root), "--k", "5"]
+    base += ["--no-progress", "--device", "cpu", "--query", TEXTS[0], "--rerank", "5"]
+    first_stage = run_search(base[:-2])[0]["hits"]
+    kept = run_search([*base, "--rerank-clip-weight", "1000"])[0]["hits"]
+    assert [h["id"] for h in kept] == [h["id"] for h in first_stage], "a huge CLIP weight keeps the CLIP order"
+    fused = run_search([*base, "--rerank-clip-weight", "0.5"])[0]["hits"]
+    scores = [h["rerank_score"] for h in fused]
+    assert scores == sorted(scores, reverse=True)
+    with pytest.raises(SystemExit):
+        run_search([*base, "--rerank-clip-weight", "-1"])
+
+
 def test_search_with_query_explanations(model_folder, data_root, model, tiny_processor):
     base = ["search", "--model", str(model_folder), "--images-from", "jsonl", "--root", str(data_root), "--k", "6"]
     base += ["--no-progress", "--device", "cpu", "--query", TEXTS[0]]

@@ -106,6 +106,27 @@ def test_config_file_then_command_line_overrides(tmp_path):
         finetune.parse_args(["--push_to_hub"])  # needs --hub_model_id
 
 
+def test_head_learning_rate_applies_to_entityclip_layers_only(tiny_clip_config):
+    from entityclip_hf import EntityCLIPConfig, EntityCLIPModel
+
+    model = EntityCLIPModel(EntityCLIPConfig(clip_config=tiny_clip_config))
+    names = {id(param): name for name, param in model.named_parameters()}
+
+    def learning_rates(flags):
+        optimizer = finetune.make_optimizer(finetune.parse_args(flags), model, torch.device("cpu"))
+        return {names[id(p)]: group["lr"] for group in optimizer.param_groups for p in group["params"]}
+
+    default = learning_rates(["--learning_rate", "1e-4"])
+    assert set(default.values()) == {1e-4}, "the paper: one learning rate"
+    assert len(default) == len(names), "every parameter is optimised once"
+    split = learning_rates(["--learning_rate", "1e-4", "--head_learning_rate", "1e-3"])
+    assert {lr for name, lr in split.items() if name.startswith("clip.")} == {1e-4}
+    assert {lr for name, lr in split.items() if not name.startswith("clip.")} == {1e-3}
+    assert split["itm_head.weight"] == 1e-3 and split["clip.logit_scale"] == 1e-4
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--head_learning_rate", "0"])
+
+
 def test_paper_config_is_the_released_recipe():
     args = finetune.parse_args(["--config", str(EXAMPLES / "configs" / "paper_vitb32.json")])
     assert args.model == "openai/clip-vit-base-patch32" and args.dataset == "n24news"

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from entityclip_hf.itm_evaluation import PairScorer, itm_auc, rerank_recalls, roc_auc
+from entityclip_hf.itm_evaluation import (
+    PairScorer,
+    fused_rerank_scores,
+    itm_auc,
+    rerank_recalls,
+    rerank_recalls_by_clip_weight,
+    roc_auc,
+)
 
 
 def test_roc_auc_counts_ties_half():
@@ -46,6 +53,36 @@ def test_rerank_recalls_by_hand():
     worse = rerank_recalls(wrong, image, text, top_k=2, ks=(1, 2))
     assert worse["rerank_i2t_R@1"] == 0.0 and worse["rerank_i2t_R@2"] == 100.0
     assert worse["rerank_top_k"] == 2
+
+
+def test_fused_rerank_scores_keep_the_first_stage_where_gi_itm_is_unsure():
+    # 2 candidates: the first stage prefers candidate 0 (logit 30 vs 28); GI-ITM prefers 1, sure (0.9) or unsure (0.55).
+    clip_logits = torch.tensor([[30.0, 28.0]])
+    sure, unsure = torch.tensor([[0.1, 0.9]]), torch.tensor([[0.45, 0.55]])
+    assert fused_rerank_scores(sure, clip_logits, None).argmax() == 1, "GI-ITM alone"
+    assert fused_rerank_scores(sure, clip_logits, 0.5).argmax() == 1, "log-odds 2.2 - (-2.2) > 0.5 x 2"
+    assert fused_rerank_scores(unsure, clip_logits, 0.5).argmax() == 0, "log-odds 0.2 - (-0.2) < 0.5 x 2"
+    assert fused_rerank_scores(sure, clip_logits, 100.0).argmax() == 0, "a large weight is the CLIP order"
+    assert torch.isfinite(fused_rerank_scores(torch.tensor([[1.0, 0.0]]), clip_logits, 1.0)).all()
+    with pytest.raises(ValueError, match="clip_weight"):
+        fused_rerank_scores(sure, clip_logits, -1.0)
+
+
+def test_rerank_recalls_by_clip_weight_by_hand():
+    # Image 0 prefers text 1 (cosine .8 vs .6). The head is unsure but right on image 0 and text 0 (0.6 vs 0.4).
+    image = torch.eye(3)
+    text = torch.tensor([[0.6, 0.8, 0.0], [0.8, 0.6, 0.0], [0.0, 0.0, 1.0]])
+    table = torch.full((3, 3), 0.4)
+    table.fill_diagonal_(0.6)
+    results = rerank_recalls_by_clip_weight(
+        TableScorer(table), image, text, [None, 1.0, 10.0], top_k=2, logit_scale=10.0
+    )
+    # log-odds gap 0.81; CLIP logit gap 10 x 0.2 = 2: weight 1 keeps CLIP's (wrong) order, weight 0.1 would not.
+    assert results[None]["rerank_i2t_R@1"] == 100.0
+    assert results[1.0]["rerank_i2t_R@1"] == results[1.0]["clip_i2t_R@1"] == pytest.approx(100 / 3)
+    assert results[10.0]["rerank_t2i_R@1"] == pytest.approx(100 / 3) and results[10.0]["clip_weight"] == 10.0
+    low = rerank_recalls(TableScorer(table), image, text, top_k=2, clip_weight=0.1, logit_scale=10.0)
+    assert low["rerank_i2t_R@1"] == 100.0 and low["clip_weight"] == 0.1
 
 
 def test_pair_scorer_scores_index_pairs_with_explanations(tiny_clip_config, tiny_processor):

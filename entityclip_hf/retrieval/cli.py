@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -202,14 +203,20 @@ def _command_search(args) -> list[dict]:
             if gallery_modality == "image":
                 explanation = explanations[q] if explanations is not None else None
                 images = [gallery.images[e["row"]] for e in top]
-                ranked = rerank_with_itm(model, processor, query, images, explanation=explanation)
+                ranked = rerank_with_itm(
+                    model, processor, query, images, explanation=explanation,
+                    first_stage_scores=[e["score"] for e in top], clip_weight=args.rerank_clip_weight,
+                )  # fmt: skip
             else:
                 texts = [gallery.texts[e["row"]] for e in top]
                 candidate_explanations = (
                     [gallery.explanations[e["row"]] for e in top] if gallery.explanations is not None else None
                 )
-                ranked = rerank_texts_with_itm(model, processor, query, texts, candidate_explanations)
-            top = [{**top[c.index], "match_probability": c.match_probability} for c in ranked]
+                ranked = rerank_texts_with_itm(
+                    model, processor, query, texts, candidate_explanations,
+                    first_stage_scores=[e["score"] for e in top], clip_weight=args.rerank_clip_weight,
+                )  # fmt: skip
+            top = [{**top[c.index], "match_probability": c.match_probability, "rerank_score": c.score} for c in ranked]
             entries = top + entries[args.rerank :]
         entries = entries[: args.k]
         for entry in entries:
@@ -300,9 +307,15 @@ def _parser():
     )  # fmt: skip
     search.add_argument(
         "--rerank", type=int, default=0,
-        help="rerank the first N hits with GI-ITM (EntityCLIP). Measured to LOWER R@1 against the CLIP order with "
-        "the paper's GI-ITM and with every variant tried, itm_cross_attention included (bench/README.md, efficacy): "
-        "check it on your validation data first (entityclip-eval --rerank_top_k N)",
+        help="rerank the first N hits with GI-ITM (EntityCLIP). By GI-ITM alone it LOWERS R@1 against the CLIP order "
+        "for every configuration measured (bench/README.md, efficacy); with --rerank-clip-weight and a GI-ITM trained "
+        "for it (ablate.py's itm_reranker) it raises it: check on your validation data first "
+        "(entityclip-eval --rerank_top_k N --rerank_clip_weight W ...)",
+    )  # fmt: skip
+    search.add_argument(
+        "--rerank-clip-weight", type=float, default=None,
+        help="rerank by GI-ITM's log-odds + this weight x the CLIP logit instead of GI-ITM's probability alone "
+        "(choose it on validation data)",
     )  # fmt: skip
     return parser
 
@@ -322,6 +335,9 @@ def run(argv: Sequence[str] | None = None):
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if getattr(args, "rerank", 0) < 0:
         parser.error("--rerank must be >= 0")
+    clip_weight = getattr(args, "rerank_clip_weight", None)
+    if clip_weight is not None and not (clip_weight >= 0 and math.isfinite(clip_weight)):
+        parser.error(f"--rerank-clip-weight must be a finite number >= 0, got {clip_weight}")
     if not 0 <= args.explanation_weight <= 1:
         parser.error("--explanation-weight must be in [0, 1]")
     try:

@@ -23,6 +23,25 @@ class RankedCandidate(NamedTuple):
     """Its id, if `candidate_ids` were given."""
     match_probability: float
     """GI-ITM probability that the query and the candidate match."""
+    score: float | None = None
+    """What the candidates were ordered by: the match probability, or with `clip_weight` the fused score
+    (`fused_rerank_scores`)."""
+
+
+def fused_rerank_scores(match_probabilities, clip_logits, clip_weight: float | None) -> torch.Tensor:
+    """The reranking score of candidates: GI-ITM's probability alone (`clip_weight` None, the paper's head used as a
+    reranker), or its log-odds plus `clip_weight` x the first stage's CLIP logit (`exp(logit_scale)` x cosine).
+
+    The fused score keeps what the first stage knows and lets GI-ITM move candidates whose match it is sure of;
+    choose `clip_weight` on validation data (`entityclip_hf.itm_evaluation.rerank_recalls_by_clip_weight`), never on a test split.
+    """
+    probabilities = torch.as_tensor(match_probabilities).double()
+    if clip_weight is None:
+        return probabilities
+    if isinstance(clip_weight, bool) or not isinstance(clip_weight, (int, float)) or not clip_weight >= 0:
+        raise ValueError(f"clip_weight must be a number >= 0 (or None: GI-ITM alone), got {clip_weight!r}.")
+    probabilities = probabilities.clamp(1e-12, 1 - 1e-12)  # float32 probabilities saturate at 1: keep logits finite
+    return probabilities.log() - (-probabilities).log1p() + clip_weight * torch.as_tensor(clip_logits).double()
 
 
 def match_probabilities(
@@ -87,6 +106,8 @@ def rerank_with_itm(
     candidate_ids: Sequence | None = None,
     batch_size: int = 16,
     progress: bool = False,
+    first_stage_scores: Sequence[float] | None = None,
+    clip_weight: float | None = None,
 ) -> list[RankedCandidate]:
     """Reorder a text query's candidate images (e.g. its top-k from [`EmbeddingIndex.search`]) by GI-ITM.
 
@@ -95,9 +116,14 @@ def rerank_with_itm(
         candidate_images: PIL images, arrays or paths, in first-stage order.
         explanation: An LLM explanation of the query's entities, if available (as in training).
         candidate_ids: Ids to carry along (same length as `candidate_images`).
+        first_stage_scores: The candidates' cosine similarities to the query (`EmbeddingIndex.search` scores);
+            needed with `clip_weight`.
+        clip_weight: None (the paper's head as reranker): order by the match probability. A number `w`: order by
+            GI-ITM's log-odds + `w` x the CLIP logit (`exp(logit_scale)` x cosine), which keeps the first stage's
+            knowledge; choose `w` on validation data (`entityclip-eval --rerank_top_k K --rerank_clip_weight ...`).
 
     Returns:
-        All candidates, highest match probability first (ties keep the first-stage order).
+        All candidates, highest score first (ties keep the first-stage order).
     """
     if not isinstance(query_text, str) or not query_text.strip():
         raise ValueError(f"query_text must be a non-empty string, got {query_text!r}.")
@@ -112,7 +138,7 @@ def rerank_with_itm(
         batch_size=batch_size,
         progress=progress,
     )
-    return _ranked(probabilities, candidate_ids)
+    return _ranked(probabilities, candidate_ids, _fused(model, probabilities, first_stage_scores, clip_weight))
 
 
 def rerank_texts_with_itm(
@@ -124,8 +150,11 @@ def rerank_texts_with_itm(
     candidate_ids: Sequence | None = None,
     batch_size: int = 16,
     progress: bool = False,
+    first_stage_scores: Sequence[float] | None = None,
+    clip_weight: float | None = None,
 ) -> list[RankedCandidate]:
-    """Reorder an image query's candidate texts by GI-ITM (each text with its own explanation, if given)."""
+    """Reorder an image query's candidate texts by GI-ITM (each text with its own explanation, if given);
+    `first_stage_scores` and `clip_weight` as in [`rerank_with_itm`]."""
     candidates = list(candidate_texts)
     _check_candidates(candidates, candidate_ids)
     probabilities = match_probabilities(
@@ -137,7 +166,7 @@ def rerank_texts_with_itm(
         batch_size=batch_size,
         progress=progress,
     )
-    return _ranked(probabilities, candidate_ids)
+    return _ranked(probabilities, candidate_ids, _fused(model, probabilities, first_stage_scores, clip_weight))
 
 
 def _check_candidates(candidates: list, candidate_ids: Sequence | None) -> None:
@@ -147,9 +176,21 @@ def _check_candidates(candidates: list, candidate_ids: Sequence | None) -> None:
         raise ValueError(f"{len(candidate_ids)} candidate_ids for {len(candidates)} candidates.")
 
 
-def _ranked(probabilities: torch.Tensor, candidate_ids: Sequence | None) -> list[RankedCandidate]:
-    values = probabilities.tolist()
-    order = sorted(range(len(values)), key=lambda i: (-values[i], i))
-    return [RankedCandidate(i, candidate_ids[i] if candidate_ids is not None else None, values[i]) for i in order]
+def _fused(model, probabilities: torch.Tensor, first_stage_scores, clip_weight) -> torch.Tensor:
+    """The reranking scores: the probabilities, or fused with the first stage's CLIP logits (`clip_weight`)."""
+    if clip_weight is None:
+        return probabilities
+    if first_stage_scores is None:
+        raise ValueError("clip_weight needs first_stage_scores: the candidates' cosine similarities to the query.")
+    cosines = torch.as_tensor(list(first_stage_scores), dtype=torch.float64)
+    if cosines.shape != probabilities.shape:
+        raise ValueError(f"{cosines.numel()} first_stage_scores for {probabilities.numel()} candidates.")
+    logit_scale = float(model.clip.logit_scale.detach().float().exp())
+    return fused_rerank_scores(probabilities, logit_scale * cosines, clip_weight)
 
 
+def _ranked(probabilities: torch.Tensor, candidate_ids: Sequence | None, scores: torch.Tensor) -> list[RankedCandidate]:
+    values, order_by = probabilities.tolist(), scores.tolist()
+    order = sorted(range(len(values)), key=lambda i: (-order_by[i], i))
+    ids = candidate_ids if candidate_ids is not None else [None] * len(values)
+    return [RankedCandidate(i, ids[i], values[i], order_by[i]) for i in order]
