@@ -6,6 +6,7 @@ dataset). A JSON config file gives a whole recipe and `--key=value` flags overri
     python examples/finetune.py --config examples/configs/demo.json
     accelerate launch examples/finetune.py --config examples/configs/paper_vitb32.json --dataset_root /data/n24news
     accelerate launch --multi_gpu --num_processes 2 examples/finetune.py --cpu ...   # 2 CPU processes (gloo)
+    accelerate launch --multi_gpu --num_processes 8 examples/finetune.py --fsdp ...  # FSDP2 (training_fsdp.py)
 
 Bad batches (NaN/inf inputs or loss) are skipped and named, a full disk is said as such: `training_guards.py`, beside
 this script.
