@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .data.report import one_line
 from .loaders import load_model_and_processor, load_split
 from .metrics import retrieval_metrics
@@ -84,6 +85,9 @@ def evaluate_split(
     cannot be encoded are dropped from the gallery and listed in `skipped`. With `explanation_weight` > 0 (opt-in;
     the paper uses 0), each text is fused with its `explanation` column's embedding (explanation-aware retrieval,
     both directions; texts without one keep their own embedding).
+
+    Under `accelerate launch` / `torchrun` with N processes (the process group joined), each process encodes 1/N of
+    the split, every process gets all embeddings in split order, and the main process computes the metrics.
     """
     for column in ("image", "text"):
         if column not in dataset.column_names:
@@ -113,9 +117,12 @@ def evaluate_split(
     num_pairs = int(keep.sum())
     if num_pairs == 0:
         raise ValueError("no pair of the split could be encoded.")
-    metrics = retrieval_metrics(
-        image_embeds[keep], text_embeds[keep], chunk_size=chunk_size, device=_device_of(model), progress=progress
-    )
+    metrics = None
+    if distributed.is_main_process():  # launched with several processes: every one holds all embeddings; one metric
+        metrics = retrieval_metrics(
+            image_embeds[keep], text_embeds[keep], chunk_size=chunk_size, device=_device_of(model), progress=progress
+        )
+    metrics = distributed.from_main_process(metrics)
     kept_rows = keep.nonzero().flatten().tolist()
     return EvaluationResult(
         metrics, num_pairs, skipped, time.time() - started, image_embeds[keep], text_embeds[keep], kept_rows
@@ -223,6 +230,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """The `entityclip-eval` command: evaluate, print the table, write `--output`; exit status 0 (2 on bad input)."""
     run(argv)
+    distributed.end_launched_process(0)  # launched among several: exit here (a hang at exit was seen otherwise)
     return 0
 
 
@@ -230,12 +238,13 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """`entityclip-eval` as a function: returns the report that `--output` writes."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    device = _resolve_device(args.device)
+    device = distributed.join_launched_processes(_resolve_device(args.device))
     try:
         explanations = "auto" if args.explanation_weight or args.rerank_top_k else None
-        data, data_report = load_split(
-            args.dataset, args.root, args.split, args.max_samples, args.check_images, explanations=explanations
-        )
+        with distributed.main_process_first():  # a demo split is built, a dataset cache written, once
+            data, data_report = load_split(
+                args.dataset, args.root, args.split, args.max_samples, args.check_images, explanations=explanations
+            )
         try:
             model, processor = load_model_and_processor(args.model, device, args.trust_remote_code)
         except (OSError, ValueError) as error:
@@ -251,15 +260,20 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             explanation_weight=args.explanation_weight,
         )
         clip_weights = [None, *(args.rerank_clip_weight or [])]
-        reranks = (
-            _rerank(model, processor, data, result, args.rerank_top_k, clip_weights) if args.rerank_top_k else None
-        )
+        reranks = None
+        if args.rerank_top_k and distributed.is_main_process():
+            reranks = _rerank(model, processor, data, result, args.rerank_top_k, clip_weights)
         rerank = reranks[None] if reranks else None
     except (ValueError, OSError, TypeError) as error:  # a user error (a folder, a file, an argument): one line, exit 2
         print(f"entityclip-eval: error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from error
 
-    title = f"{args.model} on {args.dataset}/{args.split}: {result.num_pairs} pairs, {result.seconds:.1f} s on {device}"
+    processes, is_main = distributed.world_size(), distributed.is_main_process()
+    distributed.leave()  # every process has its embeddings and the metrics; the main process prints and writes
+    if not is_main:
+        return {"num_processes": processes, "num_pairs": result.num_pairs, "metrics": result.metrics}
+    on = f"{device} x {processes} processes" if processes > 1 else str(device)
+    title = f"{args.model} on {args.dataset}/{args.split}: {result.num_pairs} pairs, {result.seconds:.1f} s on {on}"
     print(format_metrics_table(result.metrics, title))
     for clip_weight, block in (reranks or {}).items():
         print(_format_rerank(block, clip_weight))
@@ -289,6 +303,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "explanation_weight": args.explanation_weight,
         "warnings": warnings,
     }
+    if processes > 1:
+        report["num_processes"] = processes
     if rerank is not None:
         report["rerank"] = rerank
         if len(reranks) > 1:

@@ -6,6 +6,7 @@ dataset). A JSON config file gives a whole recipe and `--key=value` flags overri
     python examples/finetune.py --config examples/configs/demo.json
     accelerate launch examples/finetune.py --config examples/configs/paper_vitb32.json --dataset_root /data/n24news
     accelerate launch --multi_gpu --num_processes 2 examples/finetune.py --cpu ...   # 2 CPU processes (gloo)
+    accelerate launch --multi_gpu --num_processes 8 examples/finetune.py --fsdp ...  # FSDP2 (training_fsdp.py)
 
 Bad batches (NaN/inf inputs or loss) are skipped and named, a full disk is said as such: `training_guards.py`, beside
 this script.
@@ -20,36 +21,35 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import torch
 import transformers
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from datasets.utils import logging as datasets_logging
-from safetensors.torch import load_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from training_checkpoints import (  # noqa: F401 (checkpoint_steps, room_needed: used by the tests)
+    STATE_FILE,
+    checkpoint_steps,
+    find_checkpoint,
+    load_model_folder,
+    room_needed,
+    save_checkpoint,
+    save_model_folder,
+)
+from training_fsdp import Sharding, check_sharding_setup
 from training_guards import (
     BadStepCounter,
     TrainingStopped,
     UsageError,
-    agree_on_problem,
-    checkpoint_room_problem,
     describe_bad_batch,
     guarded_forward,
-    guarded_write,
-    main_process_decides,
     nonfinite_inputs,
-    nonfinite_weights,
     on_any_process,
-    state_bytes,
-    tensor_bytes,
 )
 from transformers import AutoConfig, CLIPImageProcessorPil, CLIPTokenizer, get_scheduler
 
@@ -71,7 +71,6 @@ MODEL_FIELDS = (
     "expert_loss_reads_candidate_explanation", "itm_cross_attention", "use_hard_negatives",
 )  # fmt: skip
 LOSS_NAMES = ("loss", "contrastive_loss", "expert_contrastive_loss", "itm_loss")
-STATE_FILE = "trainer_state.json"
 TRACKER_PROJECT = "entityclip"  # accelerator.init_trackers' project: TensorBoard writes to <output_dir>/entityclip
 # What a run writes into --output_dir, and what --overwrite_output_dir deletes.
 RUN_OUTPUTS = ("checkpoints", "best", "final", "train_log.jsonl", "results.json", TRACKER_PROJECT)
@@ -164,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mixed_precision", default=None, choices=["no", "bf16", "fp16"], help="default: accelerate's")
     p.add_argument("--gradient_checkpointing", default=False, **flag)
+    p.add_argument(
+        "--fsdp", default=False,
+        help="shard every parameter over the processes with FSDP2 (torch's fully_shard; also on CPU/gloo); GPUs can "
+        "also use accelerate's FSDP plugin: examples/configs/accelerate_fsdp2.yaml", **flag,
+    )  # fmt: skip
+    p.add_argument(
+        "--fsdp_state_dict", default="sharded", choices=["sharded", "full"],
+        help="--fsdp checkpoints: every process writes its shards (torch.distributed.checkpoint), or the main "
+        "process the whole model and optimizer (safetensors); --resume reads either",
+    )  # fmt: skip
     p.add_argument("--compile", default=False, help="torch.compile CLIP's vision and text encoders (inductor)", **flag)
     p.add_argument(
         "--cpu", default=False, help="train on CPU even if a GPU is there (also: several CPU processes)", **flag
@@ -412,7 +421,8 @@ def evaluate_diagnostics(model, loader, accelerator) -> dict[str, float]:
     with torch.random.fork_rng(devices=[]), local_losses():  # mining must not move the run's random state
         for batch in loader:
             inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-            if inputs["input_ids"].shape[0] < 2 or "explanation_input_ids" not in inputs:
+            # Every process skips the same batches: under FSDP each forward is a collective (weights all-gathered).
+            if on_any_process(inputs["input_ids"].shape[0] < 2 or "explanation_input_ids" not in inputs, accelerator):
                 continue
             output = model(**inputs, return_loss=True)
             probabilities += output.itm_logits.float().softmax(-1)[:, 0].tolist()
@@ -482,124 +492,7 @@ def is_better(value: float, best: float | None, metric: str) -> bool:
     return value < best - margin if metric.endswith("loss") or metric.endswith("rank") else value > best + margin
 
 
-# ----------------------------------------------------------------------------------------------------- saving
-def replace_dir(tmp: str, final: str) -> None:
-    """Move the finished folder `tmp` to `final`, so that `final` is never a half-written folder."""
-    old = final + ".old"
-    if os.path.exists(final):
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def refuse_nonfinite_weights(model, path: str) -> None:
-    """No NaN weights on disk: the skipped steps keep them out; this would catch a way in that they do not."""
-    bad = nonfinite_weights(model)
-    if bad:
-        raise TrainingStopped(
-            f"refusing to write {path}: {len(bad)} weight tensor(s) hold NaN/inf ({', '.join(bad[:3])})"
-        )
-
-
-def save_model_folder(accelerator, model, processor, path: str) -> None:
-    """`save_pretrained` of model (safetensors, code files for trust_remote_code) and processor, atomically."""
-    refuse_nonfinite_weights(accelerator.unwrap_model(model), path)
-    state_dict = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed: every process calls it
-    problem = None
-    if accelerator.is_main_process:
-        tmp = path + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-
-        def write():
-            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
-            processor.save_pretrained(tmp)
-            replace_dir(tmp, path)
-
-        problem = guarded_write(path, os.path.dirname(os.path.abspath(path)), room_needed(state_dict), write, tmp)
-    problem = main_process_decides(problem, accelerator)  # every process stops, or none
-    if problem:
-        raise TrainingStopped(problem)
-    accelerator.wait_for_everyone()
-
-
-def room_needed(tensors) -> int:
-    """Bytes to have free before writing `tensors` (a state dict, an accelerator's state): theirs, plus headers."""
-    count = tensors if isinstance(tensors, int) else tensor_bytes(tensors)
-    return int(count * 1.01) + (1 << 20)
-
-
-def load_model_folder(model, path: str) -> None:
-    """Load the weights of a `save_pretrained` folder into the prepared `model` in place (to test best/).
-
-    `set_model_state_dict` takes the full tensors whatever wraps the model (DDP here; it would also fill FSDP shards).
-    Every process calls it.
-    """
-    full_state_dict = {}
-    for shard in sorted(Path(path).glob("*.safetensors")):  # one file, or the shards of a large model
-        full_state_dict.update(load_file(shard))
-    set_model_state_dict(model, full_state_dict, options=StateDictOptions(full_state_dict=True, strict=True))
-
-
-def checkpoint_steps(output_dir: str) -> list[int]:
-    """Steps of the complete checkpoints in output_dir/checkpoints, oldest first."""
-    folder = os.path.join(output_dir, "checkpoints")
-    if not os.path.isdir(folder):
-        return []
-    names = [m.group(1) for m in map(re.compile(r"step_(\d+)$").match, os.listdir(folder)) if m]
-    return sorted(int(n) for n in names if os.path.exists(os.path.join(folder, f"step_{n}", STATE_FILE)))
-
-
-def save_checkpoint(accelerator, args, state: dict) -> None:
-    """`save_state` (model, optimizer, scheduler, RNGs) + the loop position, written to a temp folder then renamed.
-
-    Free space is checked first: what rotation deletes after this checkpoint may go before it, but never the newest
-    complete checkpoint. A full disk stops the run on every process with a message saying so.
-    """
-    folder = os.path.join(args.output_dir, "checkpoints")
-    tmp, final = os.path.join(folder, f".tmp-step_{state['step']}"), os.path.join(folder, f"step_{state['step']}")
-    refuse_nonfinite_weights(accelerator.unwrap_model(accelerator._models[0]), final)
-    needed, problem = room_needed(state_bytes(accelerator)), None
-    if accelerator.is_main_process:
-        os.makedirs(folder, exist_ok=True)
-        steps = [step for step in checkpoint_steps(args.output_dir) if step != state["step"]]
-        rotated = steps[: max(0, len(steps) - (args.keep_checkpoints - 1))][: len(steps) - 1]  # never the newest
-        deletable = [os.path.join(folder, f"step_{step}") for step in rotated]
-        problem = checkpoint_room_problem(folder, needed, deletable, final)
-    problem = main_process_decides(problem, accelerator)
-    if problem is None:  # every process writes its part (its RNG state), then all agree on how it went
-        problem = agree_on_problem(guarded_write(final, folder, 0, lambda: accelerator.save_state(tmp)), accelerator)
-    if problem is None and accelerator.is_main_process:
-
-        def finish():
-            with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                json.dump(state, f, indent=2)
-            replace_dir(tmp, final)
-            for step in checkpoint_steps(args.output_dir)[: -args.keep_checkpoints]:
-                shutil.rmtree(os.path.join(folder, f"step_{step}"), ignore_errors=True)
-
-        problem = guarded_write(final, folder, 0, finish)
-    problem = main_process_decides(problem, accelerator)
-    if problem is not None:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint only takes the room others need
-        raise TrainingStopped(problem)
-    accelerator.wait_for_everyone()
-
-
 # ----------------------------------------------------------------------------------------------------- training
-def find_checkpoint(args) -> str | None:
-    """The checkpoint folder --resume asks for (given, or the latest complete one), or None."""
-    if not args.resume:
-        return None
-    if args.resume != "latest":
-        if not os.path.exists(os.path.join(args.resume, STATE_FILE)):
-            raise UsageError(f"--resume {args.resume}: not a complete checkpoint (no {STATE_FILE})")
-        return args.resume
-    steps = checkpoint_steps(args.output_dir)
-    return os.path.join(args.output_dir, "checkpoints", f"step_{steps[-1]}") if steps else None
-
-
 def clear_previous_run(args, accelerator) -> None:
     """Refuse to mix a new run with an earlier one in --output_dir, or delete its outputs (--overwrite_output_dir)."""
     previous_run = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(args.output_dir, name))]
@@ -626,17 +519,12 @@ def common_rows(batch, accelerator):
     return {key: batch[key][:rows] for key in MODEL_INPUTS if key in batch}, rows
 
 
-def check_distributed_setup(accelerator, launched_processes: int) -> None:
+def check_distributed_setup(accelerator, launched_processes: int, args=None) -> None:
     """Refuse the setups that would train wrongly or fail late, before any work is done."""
     if accelerator.num_processes != launched_processes:
         raise RuntimeError(f"{launched_processes} processes launched but Accelerate sees {accelerator.num_processes}")
-    if accelerator.distributed_type == DistributedType.FSDP:
-        # FSDP1 fails when saving, FSDP2 when wrapping: both refuse scalar parameters (pytorch/pytorch#132934).
-        raise UsageError(
-            "FSDP cannot shard CLIP's `logit_scale`, a scalar parameter (torch's FSDP refuses those), so EntityCLIP "
-            "trains with DDP: `accelerate launch --multi_gpu ...`. To save memory, add --gradient_checkpointing "
-            "and --mixed_precision bf16."
-        )
+    if args is not None:
+        check_sharding_setup(args, accelerator)  # FSDP: version 2 only, --fsdp needs 2+ processes, ...
 
 
 def train(args) -> dict:
@@ -651,7 +539,7 @@ def train(args) -> dict:
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the number of processes
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
-    check_distributed_setup(accelerator, launched_processes)
+    check_distributed_setup(accelerator, launched_processes, args)
     if not accelerator.is_main_process:
         # One copy of every report, warning and progress bar: the main process's.
         logging.getLogger("entityclip_hf").setLevel(logging.ERROR)
@@ -692,9 +580,12 @@ def train(args) -> dict:
         model.clip.vision_model.compile()
         model.clip.text_model.compile()
     model.to(accelerator.device)
-    optimizer = make_optimizer(args, model, accelerator.device)
     train_loader, eval_loader, test_loader = make_dataloaders(args, datasets, processor)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    sharding = Sharding(args, accelerator)  # DDP, or FSDP2 (--fsdp, or accelerate's FSDP plugin)
+    model, optimizer, train_loader = sharding.prepare(
+        model, lambda model: make_optimizer(args, model, accelerator.device), train_loader
+    )
+    log(f"model wrapping: {sharding.describe()}")
     if len(train_loader) == 0:
         raise UsageError(
             f"{len(datasets['train'])} training pairs: fewer than one batch of {args.batch_size} per process"
@@ -712,7 +603,7 @@ def train(args) -> dict:
 
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_value": None, "best_step": None, "initial": None}
     if resume_dir:
-        accelerator.load_state(resume_dir)
+        sharding.load_state(resume_dir)
         with open(os.path.join(resume_dir, STATE_FILE)) as f:
             state = json.load(f)
         log(f"resumed from {resume_dir} at step {state['step']} (epoch {state['epoch']})")
@@ -743,7 +634,7 @@ def train(args) -> dict:
         value = metrics[args.best_metric]
         if state["step"] > 0 and is_better(value, state["best_value"], args.best_metric):
             state["best_value"], state["best_step"] = value, state["step"]
-            save_model_folder(accelerator, model, processor, os.path.join(args.output_dir, "best"))
+            save_model_folder(accelerator, model, processor, os.path.join(args.output_dir, "best"), sharding)
             log(f"new best {args.best_metric} {value:.4f}: saved {args.output_dir}/best")
         return metrics
 
@@ -771,6 +662,7 @@ def train(args) -> dict:
                 log(f"step {state['step']}: a batch with no usable sample on some process: skipped")
                 continue
             with accelerator.accumulate(model):
+                sharding.sync_gradients(accelerator.sync_gradients)
                 # NaN/inf inputs, a forward failing on them, a NaN loss: the step is skipped, never applied. Every
                 # process decides the same before the forward's and backward's collectives, or DDP would hang.
                 problem, output = nonfinite_inputs(inputs), None
@@ -801,12 +693,13 @@ def train(args) -> dict:
                 sums, micro_batches, description, step_problem = torch.zeros(len(LOSS_NAMES)), 0, step_problem, None
                 state["skipped_steps"] += 1
                 if bad_steps.bad_step():  # --max_bad_steps in a row: something is wrong beyond one bad sample
-                    save_checkpoint(accelerator, args, state)  # the good steps since the last checkpoint are kept
+                    # The good steps since the last checkpoint are kept.
+                    save_checkpoint(accelerator, args, state, sharding)
                     checkpoint = os.path.join(args.output_dir, "checkpoints", f"step_{state['step']}")
                     raise TrainingStopped(bad_steps.stop_message(description, checkpoint))
                 if not args.save_every and state["batches_in_epoch"] >= len(train_loader):
                     save_checkpoint(
-                        accelerator, args, state
+                        accelerator, args, state, sharding
                     )  # the epoch's checkpoint, though its last step was skipped
                     last_saved = state["step"]
                 continue
@@ -826,7 +719,7 @@ def train(args) -> dict:
             if eval_loader is not None and (every or (not args.eval_every and end_of_epoch) or done):
                 last_eval = run_eval()
             if (args.save_every and state["step"] % args.save_every == 0) or (not args.save_every and end_of_epoch):
-                save_checkpoint(accelerator, args, state)
+                save_checkpoint(accelerator, args, state, sharding)
                 last_saved = state["step"]
             if args.crash_after_step is not None and state["step"] >= args.crash_after_step:
                 os._exit(3)  # a crash: no cleanup, no final save
@@ -837,10 +730,10 @@ def train(args) -> dict:
         last_eval = run_eval()
 
     if last_saved != state["step"]:
-        save_checkpoint(accelerator, args, state)
-    save_model_folder(accelerator, model, processor, os.path.join(args.output_dir, "final"))
+        save_checkpoint(accelerator, args, state, sharding)
+    save_model_folder(accelerator, model, processor, os.path.join(args.output_dir, "final"), sharding)
     if state["best_step"] is None:  # no evaluation after training: the final model is the best we know
-        save_model_folder(accelerator, model, processor, os.path.join(args.output_dir, "best"))
+        save_model_folder(accelerator, model, processor, os.path.join(args.output_dir, "best"), sharding)
     log(f"trained to step {state['step']} in {time.time() - started:.0f} s: saved {args.output_dir}/final and /best")
     if state["initial"] is not None and last_eval is not None:
         log(f"{args.eval_split} before: {format_metrics(state['initial'])}")
@@ -848,7 +741,7 @@ def train(args) -> dict:
     results = {"initial": state["initial"], "final": last_eval, "best_step": state["best_step"], "test": None}
     results["skipped_steps"] = state["skipped_steps"]
     if test_loader is not None:
-        load_model_folder(model, os.path.join(args.output_dir, "best"))
+        load_model_folder(model, os.path.join(args.output_dir, "best"), sharding)
         results["test"] = evaluate(model, test_loader, accelerator, args)
         title = f"{args.test_split} split, best/ (step {state['best_step'] or state['step']}):"
         log(format_metrics_table(results["test"], title=title))

@@ -48,21 +48,19 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
-def test_fsdp_is_refused_with_what_to_use_instead():
+def test_distributed_setup_checks_the_process_count():
     from types import SimpleNamespace
 
     from accelerate import DistributedType
 
     finetune.check_distributed_setup(SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_GPU), 2)
-    fsdp = SimpleNamespace(num_processes=2, distributed_type=DistributedType.FSDP)
-    with pytest.raises(ValueError, match="logit_scale.*--multi_gpu"):
-        finetune.check_distributed_setup(fsdp, 2)
     with pytest.raises(RuntimeError, match="2 processes launched but Accelerate sees 1"):
         finetune.check_distributed_setup(SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO), 2)
 
 
 def test_fsdp_still_refuses_clip_s_scalar_logit_scale(tiny_clip_config, tmp_path):
-    """Why FSDP is refused: if a torch release lifts the restriction, this fails and FSDP can be allowed."""
+    """Why `entityclip_hf.fsdp` reshapes 0-dim parameters: if a torch release lifts the restriction, this fails and
+    the reshaping can go."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard

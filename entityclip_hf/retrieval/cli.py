@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..ann_index import INDEX_TYPES, ApproximateIndex
 from .embeddings import load_embeddings, save_embeddings
 from .encode import _is_hf_dataset, encode_images, encode_texts
@@ -41,7 +42,8 @@ def _gallery_items(source: str, root: str | None, split: str, max_samples: int |
     if source in _DATASET_SOURCES:
         from ..loaders import load_split
 
-        data, _ = load_split(source, root, split, max_samples, explanations=explanations)
+        with distributed.main_process_first():  # launched processes: a demo split is built, a cache written, once
+            data, _ = load_split(source, root, split, max_samples, explanations=explanations)
         ids = data["id"] if "id" in data.column_names else list(range(len(data)))
         return ids, data, data["text"]
     folder = Path(source)
@@ -73,7 +75,8 @@ def _encode_gallery(model, processor, args, modality: str) -> _Gallery:
     keep = torch.isfinite(embeddings).all(dim=1)
     if not bool(keep.all()):
         dropped = [ids[i] for i in (~keep).nonzero().flatten().tolist()]
-        print(f"left out {len(dropped)} {modality}(s) that could not be encoded: {dropped[:10]}", file=sys.stderr)
+        if distributed.is_main_process():
+            print(f"left out {len(dropped)} {modality}(s) that could not be encoded: {dropped[:10]}", file=sys.stderr)
     rows = keep.nonzero().flatten().tolist()
     is_dataset = _is_hf_dataset(data)
     images = None
@@ -112,14 +115,20 @@ def _load_gallery_file(path: str) -> _Gallery:
 def _command_encode(args) -> dict:
     from ..loaders import load_model_and_processor
 
-    model, processor = load_model_and_processor(args.model, _cli_device(args.device), args.trust_remote_code)
+    # Under accelerate launch / torchrun with N processes each encodes 1/N of the gallery; the main process writes.
+    device = distributed.join_launched_processes(_cli_device(args.device))
+    model, processor = load_model_and_processor(args.model, device, args.trust_remote_code)
     gallery = _encode_gallery(model, processor, args, args.modality)
+    processes, is_main = distributed.world_size(), distributed.is_main_process()
+    distributed.leave()
+    if not is_main:
+        return {"path": str(args.output), "num_rows": len(gallery.ids), "num_processes": processes}
     metadata = {"model": str(args.model), "modality": args.modality, "source": str(args.images_from)}
     if args.images_from in _DATASET_SOURCES:
         metadata["split"] = args.split
     path = save_embeddings(args.output, gallery.embeddings, gallery.ids, metadata)
     print(f"wrote {len(gallery.ids)} {args.modality} embeddings of dimension {gallery.embeddings.shape[1]} to {path}")
-    written = {"path": str(path), "num_rows": len(gallery.ids)}
+    written = {"path": str(path), "num_rows": len(gallery.ids), "num_processes": processes}
     if args.index_type != "flat":
         index = EmbeddingIndex.from_file(path, index_type=args.index_type, **_ann_options(args))
         ann_path = index.ann.save(ApproximateIndex.path_for(path, args.index_type))
@@ -323,6 +332,7 @@ def _parser():
 def main(argv: Sequence[str] | None = None) -> int:
     """The `entityclip-search {encode,search} ...` command; exit status 0 (2 on bad input)."""
     run(argv)
+    distributed.end_launched_process(0)  # launched among several: exit here (a hang at exit was seen otherwise)
     return 0
 
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from .embeddings import _as_matrix
 
 logger = logging.getLogger(__name__)
@@ -235,8 +236,10 @@ def _encode(
     if len(source) == 0:
         raise ValueError(f"empty gallery: no {modality}s to encode.")
 
+    # Launched with several processes, each encodes its own contiguous rows; the shards are gathered below.
+    rows = distributed.shard_range(len(source))
     loader = torch.utils.data.DataLoader(
-        _IndexedItems(source, column),
+        torch.utils.data.Subset(_IndexedItems(source, column), rows),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -246,10 +249,11 @@ def _encode(
     embed = _image_features if modality == "image" else _text_features
     output: torch.Tensor | None = None
     failed: list[tuple[int, str]] = []
+    error: str | None = None
     was_training = model.training
     model.eval()
     try:
-        bar = _progress_bar(len(loader), f"encoding {modality}s", progress)
+        bar = _progress_bar(len(loader), f"encoding {modality}s", progress and distributed.is_main_process())
         with torch.inference_mode(), _autocast(device, mixed_precision):
             for indices, inputs, failures in loader:
                 for index, message in failures:
@@ -262,16 +266,35 @@ def _encode(
                     inputs = {name: tensor.to(device, non_blocking=True) for name, tensor in inputs.items()}
                     features = F.normalize(embed(model, inputs).float(), dim=-1).cpu()
                     if output is None:
-                        output = torch.full((len(source), features.shape[1]), float("nan"), dtype=torch.float32)
-                    output[torch.as_tensor(indices)] = features
+                        output = torch.full((len(rows), features.shape[1]), float("nan"), dtype=torch.float32)
+                    output[torch.as_tensor(indices) - rows.start] = features
                 bar.update(1)
         bar.close()
+    except ValueError as raised:
+        if not distributed.is_distributed():
+            raise
+        error = str(raised)  # said by every process below, or the others would wait for this one's shard
     finally:
         model.train(was_training)
+    return _gathered(output, failed, error, len(source), modality)
+
+
+def _gathered(output, failed, error, num_rows: int, modality: str) -> torch.Tensor:
+    # One process: its output as is. Several: the first error in row order stops all of them; the shards of those
+    # that encoded something set the width of the rows of those that did not (all NaN), then they are gathered.
+    error = distributed.first_error(error)
+    if error is not None:
+        raise ValueError(error)
+    width = distributed.first_error(None if output is None else str(output.shape[1]))
+    first_failure = distributed.first_error(failed[0][1] if failed else None)
+    if width is None:
+        raise ValueError(f"none of the {num_rows} {modality}s could be encoded (first failure: {first_failure}).")
     if output is None:
-        raise ValueError(f"none of the {len(source)} {modality}s could be encoded (first failure: {failed[0][1]}).")
-    if failed:
-        logger.warning("%d of %d %ss could not be encoded: their rows are NaN.", len(failed), len(source), modality)
+        output = torch.full((len(distributed.shard_range(num_rows)), int(width)), float("nan"), dtype=torch.float32)
+    output = distributed.gather_shards(output, num_rows)
+    num_failed = int(torch.isnan(output).any(dim=1).sum()) if distributed.is_distributed() else len(failed)
+    if num_failed and distributed.is_main_process():
+        logger.warning("%d of %d %ss could not be encoded: their rows are NaN.", num_failed, num_rows, modality)
     return output
 
 
