@@ -173,14 +173,21 @@ def test_entityclip_search_cli_builds_the_index_beside_the_file_and_searches_wit
     common = ["--model", str(model_folder), "--no-progress"]
     written = retrieval.run(
         ["encode", *common, "--images-from", "jsonl", "--root", str(data_root), "--output", str(gallery_file)]
-        + ["--index-type", "hnsw", "--ef-search", "32"]
+        + ["--index-type", "hnsw", "--ef-search", "32", "--ef-construction", "40"]
     )
     assert written["index"] == str(tmp_path / "gallery.safetensors.hnsw.faiss")
     assert "wrote the hnsw index" in capsys.readouterr().out
+    sidecar = json.loads((tmp_path / "gallery.safetensors.hnsw.faiss.json").read_text())
+    assert sidecar["options"]["ef_construction"] == 40 and sidecar["options"]["ef_search"] == 32
     query = ["search", *common, "--index", str(gallery_file), "--query", "Angela Merkel", "--k", "3"]
     exact = retrieval.run(query)
     approximate = retrieval.run([*query, "--index-type", "hnsw"])
     assert [h["id"] for h in approximate[0]["hits"]] == [h["id"] for h in exact[0]["hits"]]  # 7 items: all found
+    assert "building one" not in capsys.readouterr().err  # the saved index was loaded
+    (tmp_path / "gallery.safetensors.hnsw.faiss").unlink()
+    unsaved = retrieval.run([*query, "--index-type", "hnsw", "--ef-construction", "40", "--target-recall", "0.9"])
+    assert [h["id"] for h in unsaved[0]["hits"]] == [h["id"] for h in exact[0]["hits"]]
+    assert "no hnsw index beside" in capsys.readouterr().err  # built for this search only, and the user is told
     with pytest.raises(SystemExit) as stopped:
         retrieval.run([*query, "--index-type", "ivf-flat"])  # 7 vectors cannot train an IVF index
     assert stopped.value.code == 2 and "training sample too small" in capsys.readouterr().err
