@@ -162,8 +162,8 @@ def main() -> None:
         "--hnsw-on-random-above",
         type=int,
         default=200_000,
-        help="skip HNSW on random galleries larger than this (its build is O(N log N): ~2 min at 100k here, far "
-        "past the time budget at 1M); a larger value runs it",
+        help="skip HNSW on random galleries larger than this (build + tuning at 1M: 23 min on the shared 2-core "
+        "machine, for recall@10 0.75 at the tuning's cap efSearch 8192; see bench/README.md); a larger value runs it",
     )
     parser.add_argument(
         "--hnsw-ef-sweep",
