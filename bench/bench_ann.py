@@ -14,6 +14,8 @@ backend (blocked matmul). Queries/s: all queries in one batch (throughput), and 
     python bench/bench_ann.py --quick        # 100k random + 20k clustered, ~2-3 minutes on 2 cores
     python bench/bench_ann.py                # 1M random + 100k clustered (the issue's sizes)
     python bench/bench_ann.py --types hnsw --datasets clustered
+    python bench/bench_ann.py --datasets random --types hnsw --hnsw-on-random-above 2000000 \
+        --hnsw-ef-sweep 8192 16384 32768 --queries 300 --single 20   # efSearch past the tuning's cap, 1M random
 """
 
 import argparse
@@ -78,7 +80,9 @@ def time_queries(index: EmbeddingIndex, queries: np.ndarray, single: int) -> tup
     return batch_qps, single_qps, hits.indices.numpy()
 
 
-def bench_dataset(name: str, gallery: np.ndarray, queries: np.ndarray, types: list[str], single: int) -> list[dict]:
+def bench_dataset(
+    name: str, gallery: np.ndarray, queries: np.ndarray, types: list[str], single: int, ef_sweep: list[int]
+) -> list[dict]:
     rows = []
     truth = exact_top(gallery, queries, 10)
     started = time.perf_counter()
@@ -94,7 +98,9 @@ def bench_dataset(name: str, gallery: np.ndarray, queries: np.ndarray, types: li
         gc.collect()
         before = resident_mib()
         started = time.perf_counter()
-        index = EmbeddingIndex(gallery, backend="faiss", normalize=False, index_type=index_type)
+        # With --hnsw-ef-sweep the graph is built at the sweep's first efSearch (no tuning) and searched at each.
+        knob = {"ef_search": ef_sweep[0]} if index_type == "hnsw" and ef_sweep else {}
+        index = EmbeddingIndex(gallery, backend="faiss", normalize=False, index_type=index_type, **knob)
         build = time.perf_counter() - started
         batch_qps, single_qps, found = time_queries(index, queries, single)
         options = index.ann.options
@@ -105,7 +111,7 @@ def bench_dataset(name: str, gallery: np.ndarray, queries: np.ndarray, types: li
             if index_type == "ivf-pq":
                 described += f", m={options.pq_m}x8 bit, refine x{options.refine_factor}"
         # What building the index added to the process (the gallery itself is shared, not copied, by
-        # EmbeddingIndex); IVF-PQ's exact re-ranking keeps its own copy of the vectors beside the codes.
+        # EmbeddingIndex; IVF-PQ's exact re-ranking reads that same gallery, so it adds only its codes).
         memory = resident_mib() - before
         file_mib = index.ann.memory_bytes() / (1 << 20)
         tuned = options.tuned.get("sample_recall_at_10", "-")
@@ -113,6 +119,12 @@ def bench_dataset(name: str, gallery: np.ndarray, queries: np.ndarray, types: li
                          batch_qps=batch_qps, single_qps=single_qps, memory_mib=memory, file_mib=file_mib,
                          recall=recall_at_k(found, truth), tuned=tuned))  # fmt: skip
         print(_row(rows[-1]), flush=True)
+        for ef_search in ef_sweep[1:] if index_type == "hnsw" else []:
+            index.ann.set_search_options(ef_search=ef_search)
+            batch_qps, single_qps, found = time_queries(index, queries, single)
+            rows.append({**rows[-1], "options": f"{described.rsplit('=', 1)[0]}={ef_search}", "build_s": 0.0,
+                         "batch_qps": batch_qps, "single_qps": single_qps, "recall": recall_at_k(found, truth)})  # fmt: skip
+            print(_row(rows[-1]), flush=True)
         del index
     return rows
 
@@ -150,8 +162,17 @@ def main() -> None:
         "--hnsw-on-random-above",
         type=int,
         default=200_000,
-        help="skip HNSW on random galleries larger than this (its build is O(N log N): ~2 min at 100k here, far "
-        "past the time budget at 1M); a larger value runs it",
+        help="skip HNSW on random galleries larger than this (build + tuning at 1M: 23 min on the shared 2-core "
+        "machine, for recall@10 0.75 at the tuning's cap efSearch 8192; see bench/README.md); a larger value runs it",
+    )
+    parser.add_argument(
+        "--hnsw-ef-sweep",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="EF",
+        help="build HNSW at the first efSearch given (no tuning) and measure every one (e.g. 8192 16384 32768: "
+        "what tuning, capped at 8192, cannot reach)",
     )
     args = parser.parse_args()
     if args.quick:
@@ -182,7 +203,7 @@ def main() -> None:
             types.remove("hnsw")
             print(f"| random | {len(gallery):,} | hnsw | skipped: N > --hnsw-on-random-above {args.hnsw_on_random_above:,} "
                   "(see the 100k row of --quick) | | | | | | | |", flush=True)  # fmt: skip
-        rows += bench_dataset(name, gallery, queries, types, args.single)
+        rows += bench_dataset(name, gallery, queries, types, args.single, args.hnsw_ef_sweep)
         del gallery
     print(f"\ntotal {time.perf_counter() - started:.0f} s, peak resident memory {peak_rss_gib():.1f} GiB", flush=True)
 

@@ -11,7 +11,8 @@ at build time to reach ``target_recall`` (0.95) of recall@10 against exact searc
 gallery (each row's own hit left out; for HNSW, rows held out of the graph), with a margin of 0.01 for the
 sample's noise: the knob doubles, then bisects, to the smallest value that does. The value found is saved with the
 index and reported; give it explicitly to trade recall for speed. IVF-PQ re-ranks its candidates with the exact vectors
-(``refine_factor`` x k of them): the compressed codes only shortlist.
+(``refine_factor`` x k of them): the compressed codes only shortlist. The exact vectors are the gallery array the index
+was built or loaded with (``EmbeddingIndex``'s own, not a copy), so IVF-PQ adds only its codes to memory.
 """
 
 from __future__ import annotations
@@ -180,7 +181,14 @@ class ApproximateIndex:
     """
 
     def __init__(
-        self, index, options: AnnOptions, num_rows: int, dim: int, probe: dict[str, Any], build_seconds: float
+        self,
+        index,
+        options: AnnOptions,
+        num_rows: int,
+        dim: int,
+        probe: dict[str, Any],
+        build_seconds: float,
+        vectors: np.ndarray | None = None,
     ):
         self.index = index
         self.options = options
@@ -188,6 +196,11 @@ class ApproximateIndex:
         self.dim = dim
         self.probe = probe
         self.build_seconds = build_seconds
+        # IVF-PQ's exact re-ranking reads the caller's gallery array (a reference, never a copy: faiss's
+        # IndexRefineFlat would store the vectors a second time, as large as the gallery itself).
+        self.vectors = vectors if options.index_type == "ivf-pq" else None
+        if self.vectors is not None and self.vectors.shape != (num_rows, dim):
+            raise ValueError(f"re-ranking vectors have shape {self.vectors.shape}, the index {(num_rows, dim)}")
 
     # ---------------------------------------------------------------------------------------------- building
     @classmethod
@@ -223,11 +236,7 @@ class ApproximateIndex:
             sample = np.random.default_rng(options.seed).choice(num_rows, size=options.train_size, replace=False)
             index.train(vectors[np.sort(sample)])
             index.add(vectors)
-            if options.index_type == "ivf-pq":
-                # Re-rank the PQ shortlist with the exact vectors: codes alone cannot separate close neighbours.
-                index = faiss.IndexRefineFlat(index, faiss.swig_ptr(vectors))
-                index.k_factor = options.refine_factor
-        built = cls(index, options, num_rows, dim, gallery_probe(vectors), time.perf_counter() - started)
+        built = cls(index, options, num_rows, dim, gallery_probe(vectors), time.perf_counter() - started, vectors)
         built._set_search_knob()
         if getattr(options, built.knob_name) is None:
             built.tune(vectors, held_out=held_out if held_out.size else None)
@@ -240,9 +249,7 @@ class ApproximateIndex:
         return "ef_search" if self.options.index_type == "hnsw" else "nprobe"
 
     def _ivf(self):
-        faiss = _faiss()
-        index = self.index.base_index if isinstance(self.index, faiss.IndexRefine) else self.index
-        return faiss.extract_index_ivf(index)
+        return _faiss().extract_index_ivf(self.index)
 
     def _hnsw(self):
         faiss = _faiss()
@@ -290,7 +297,7 @@ class ApproximateIndex:
 
         def recall_with(value: int) -> float:
             self._set_search_knob(value)
-            return recall_of(self.index.search(queries, search_depth)[1])
+            return recall_of(self._search(queries, search_depth, refine_factor)[1])
 
         hnsw = self.options.index_type == "hnsw"
         start, limit = (16, 8192) if hnsw else (1, self.options.nlist)
@@ -298,8 +305,8 @@ class ApproximateIndex:
         # sends are not the sample: aim a margin above the target so that fresh queries reach it (bench_ann.py).
         target = min(1.0, self.options.target_recall + TUNING_MARGIN)
         pq = self.options.index_type == "ivf-pq"
-        if pq:  # phase 1: the lists to visit, with the widest re-ranking (so the codes do not limit recall)
-            self.index.k_factor = MAX_REFINE_FACTOR
+        # IVF-PQ phase 1: the lists to visit, with the widest re-ranking (so the codes do not limit recall)
+        refine_factor = MAX_REFINE_FACTOR if pq else None
         value, recall = start, recall_with(start)
         low = start
         while recall < target and value < limit:
@@ -317,14 +324,12 @@ class ApproximateIndex:
             self._set_search_knob(value)
             factor = self.options.refine_factor
             while factor < MAX_REFINE_FACTOR:
-                self.index.k_factor = factor
-                factor_recall = recall_of(self.index.search(queries, search_depth)[1])
+                factor_recall = recall_of(self._search(queries, search_depth, factor)[1])
                 if factor_recall >= min(target, recall):
                     recall = factor_recall
                     break
                 factor *= 2
-            factor = min(factor, MAX_REFINE_FACTOR)
-            self.index.k_factor = self.options.refine_factor = factor
+            self.options.refine_factor = min(factor, MAX_REFINE_FACTOR)
         self._set_search_knob(value)
         setattr(self.options, self.knob_name, value)
         self.options.tuned = {
@@ -346,8 +351,15 @@ class ApproximateIndex:
             )  # fmt: skip
         return self.options.tuned
 
-    def set_search_options(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
-        """Change the search-time knob of a built or loaded index."""
+    def set_search_options(
+        self, nprobe: int | None = None, ef_search: int | None = None, refine_factor: int | None = None
+    ) -> None:
+        """Change the search-time knobs of a built or loaded index (IVF-PQ's re-ranking depth is one of them)."""
+        if refine_factor is not None:
+            if self.options.index_type != "ivf-pq":
+                raise ValueError(f"refine_factor applies to IVF-PQ indexes, not {self.options.index_type}")
+            _positive("refine_factor", refine_factor)
+            self.options.refine_factor = refine_factor
         if self.options.index_type == "hnsw":
             if nprobe is not None:
                 raise ValueError("nprobe applies to IVF indexes; an HNSW index takes ef_search")
@@ -370,17 +382,22 @@ class ApproximateIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be [Q, {self.dim}], got shape {queries.shape}")
-        return self.index.search(queries, k)
+        return self._search(queries, k)
+
+    def _search(self, queries: np.ndarray, k: int, refine_factor: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if self.vectors is None:
+            return self.index.search(queries, k)
+        # IVF-PQ: the codes shortlist refine_factor * k candidates, exact inner products on the gallery rank them.
+        depth = min(self.num_rows, k * (refine_factor or self.options.refine_factor))
+        candidates = np.ascontiguousarray(self.index.search(queries, depth)[1], dtype=np.int64)
+        return rerank_exactly(self.vectors, queries, candidates, k)
 
     def memory_bytes(self) -> int:
-        """Size of the index as FAISS serialises it (what it holds in memory, give or take its graph slack)."""
-        return int(_faiss().serialize_index(self._storable()).nbytes)
+        """Size of the FAISS index as it serialises (what it holds in memory, give or take its graph slack).
 
-    def _storable(self):
-        # IndexRefineFlat holds a copy of the vectors; the file keeps only the PQ index (they are in the embedding
-        # file already) and the refinement is rebuilt on load.
-        faiss = _faiss()
-        return self.index.base_index if isinstance(self.index, faiss.IndexRefine) else self.index
+        IVF-PQ's re-ranking vectors are not counted: they are the gallery's, held by the caller already.
+        """
+        return int(_faiss().serialize_index(self.index).nbytes)
 
     # ---------------------------------------------------------------------------------------------- files
     @staticmethod
@@ -394,7 +411,7 @@ class ApproximateIndex:
         faiss = _faiss()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = faiss.serialize_index(self._storable())
+        data = faiss.serialize_index(self.index)
         _atomic_write_bytes(path, data.tobytes())
         meta = {
             "format": ANN_FORMAT,
@@ -436,11 +453,7 @@ class ApproximateIndex:
             )
         options = AnnOptions(**meta["options"])
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-        if options.index_type == "ivf-pq":
-            index = faiss.IndexRefineFlat(index, faiss.swig_ptr(vectors))
-            index.k_factor = options.refine_factor
-        loaded = cls(index, options, vectors.shape[0], vectors.shape[1], meta["probe"], meta["build_seconds"])
-        loaded._vectors = vectors  # IndexRefineFlat copies them, but keep the array alive for swig_ptr's sake
+        loaded = cls(index, options, vectors.shape[0], vectors.shape[1], meta["probe"], meta["build_seconds"], vectors)
         loaded._set_search_knob()
         return loaded
 
@@ -476,6 +489,26 @@ def _exact_top(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 65
         best_scores = np.take_along_axis(best_scores, keep, axis=1)
         best_rows = np.take_along_axis(best_rows, keep, axis=1)
     return best_rows
+
+
+def rerank_exactly(
+    vectors: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of each query's ``candidates`` (rows of ``vectors``; -1 pads the end) by exact inner product.
+
+    ``(scores [Q, k], rows [Q, k])``, best first, rows -1 where a query had fewer than k candidates. FAISS's
+    ``knn_inner_products_by_idx`` reads the candidate rows in place, so nothing of the gallery is copied.
+    """
+    faiss = _faiss()
+    num_queries, subset = candidates.shape
+    scores = np.empty((num_queries, k), dtype=np.float32)
+    rows = np.empty((num_queries, k), dtype=np.int64)
+    faiss.knn_inner_products_by_idx(
+        faiss.swig_ptr(queries), faiss.swig_ptr(vectors), faiss.swig_ptr(candidates),
+        vectors.shape[1], num_queries, vectors.shape[0], subset, k,
+        faiss.swig_ptr(scores), faiss.swig_ptr(rows), subset,  # the stride: FAISS's default (-1) is wrong here
+    )  # fmt: skip
+    return scores, rows
 
 
 def exact_top(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:

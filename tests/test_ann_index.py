@@ -32,11 +32,25 @@ def gallery():
     return vectors, ids, queries, exact_top(vectors, queries, 10)
 
 
+@pytest.fixture(scope="module")
+def built(gallery):
+    """Each index type built once with its defaults (tuned), shared by the tests that only read it."""
+    vectors, ids, _, _ = gallery
+    indexes = {}
+
+    def build(index_type):
+        if index_type not in indexes:
+            extra = {"pq_m": 8} if index_type == "ivf-pq" else {}
+            indexes[index_type] = EmbeddingIndex(vectors, ids, index_type=index_type, **extra)
+        return indexes[index_type]
+
+    return build
+
+
 @pytest.mark.parametrize("index_type", ["ivf-flat", "ivf-pq", "hnsw"])
-def test_each_index_type_builds_saves_loads_and_finds_the_neighbours(gallery, tmp_path, index_type):
+def test_each_index_type_builds_saves_loads_and_finds_the_neighbours(gallery, built, tmp_path, index_type):
     vectors, ids, queries, truth = gallery
-    extra = {"pq_m": 8} if index_type == "ivf-pq" else {}
-    index = EmbeddingIndex(vectors, ids, index_type=index_type, **extra)
+    index = built(index_type)
     knob = "ef_search" if index_type == "hnsw" else "nprobe"
     assert index.ann.options.tuned[knob] == getattr(index.ann.options, knob)  # tuned, since none was given
     hits = index.search(torch.from_numpy(queries), k=10)
@@ -53,9 +67,42 @@ def test_each_index_type_builds_saves_loads_and_finds_the_neighbours(gallery, tm
     assert torch.equal(again.indices, hits.indices) and again.ids == hits.ids
 
 
-def test_a_query_that_is_a_gallery_item_finds_itself_first(gallery):
-    vectors, ids, _, _ = gallery
-    index = EmbeddingIndex(vectors, ids, index_type="hnsw")
+def test_ivf_pq_re_ranks_against_the_gallery_it_was_given_and_keeps_no_copy(gallery, built, tmp_path):
+    import faiss
+
+    vectors, ids, queries, truth = gallery
+    index = built("ivf-pq")
+    ann = index.ann
+    factor = ann.options.refine_factor
+    # The FAISS index is the PQ index alone (codes: 8 bytes a row here against 128 for the floats), and the
+    # re-ranking reads EmbeddingIndex's own gallery tensor: a refine index holding the vectors again would fail both.
+    assert type(ann.index) is faiss.IndexIVFPQ
+    assert ann.memory_bytes() < vectors.nbytes / 4
+    assert np.shares_memory(ann.vectors, index.embeddings.numpy())
+    hits = index.search(queries, k=10)
+    assert recall_at_k(hits.indices.numpy(), truth) >= 0.9
+
+    # Same shortlist, same exact scores as FAISS's own refinement step (which would store a copy).
+    reference = faiss.IndexRefineFlat(ann.index, faiss.swig_ptr(np.ascontiguousarray(vectors)))
+    reference.k_factor = factor
+    reference_scores, reference_rows = reference.search(queries, 10)
+    assert np.array_equal(hits.indices.numpy(), reference_rows)
+    assert np.allclose(hits.scores.numpy(), reference_scores, atol=1e-5)
+
+    path = index.save(tmp_path / "g.safetensors")
+    loaded = EmbeddingIndex.from_file(path, index_type="ivf-pq", refine_factor=factor)  # a search knob: not rebuilt
+    assert type(loaded.ann.index) is faiss.IndexIVFPQ and np.shares_memory(
+        loaded.ann.vectors, loaded.embeddings.numpy()
+    )
+    assert torch.equal(loaded.search(queries, k=10).indices, hits.indices)
+    narrow = EmbeddingIndex.from_file(path, index_type="ivf-pq", refine_factor=1)
+    assert narrow.ann.options.tuned == ann.options.tuned and narrow.ann.options.refine_factor == 1  # loaded
+    assert recall_at_k(narrow.search(queries, k=10).indices.numpy(), truth) < recall_at_k(hits.indices.numpy(), truth)
+
+
+def test_a_query_that_is_a_gallery_item_finds_itself_first(gallery, built):
+    vectors = gallery[0]
+    index = built("hnsw")
     hits = index.search(vectors[[5, 777, 11999]], k=3)
     assert [row[0] for row in hits.ids] == ["img-00005", "img-00777", "img-11999"]
 
@@ -126,14 +173,21 @@ def test_entityclip_search_cli_builds_the_index_beside_the_file_and_searches_wit
     common = ["--model", str(model_folder), "--no-progress"]
     written = retrieval.run(
         ["encode", *common, "--images-from", "jsonl", "--root", str(data_root), "--output", str(gallery_file)]
-        + ["--index-type", "hnsw", "--ef-search", "32"]
+        + ["--index-type", "hnsw", "--ef-search", "32", "--ef-construction", "40"]
     )
     assert written["index"] == str(tmp_path / "gallery.safetensors.hnsw.faiss")
     assert "wrote the hnsw index" in capsys.readouterr().out
+    sidecar = json.loads((tmp_path / "gallery.safetensors.hnsw.faiss.json").read_text())
+    assert sidecar["options"]["ef_construction"] == 40 and sidecar["options"]["ef_search"] == 32
     query = ["search", *common, "--index", str(gallery_file), "--query", "Angela Merkel", "--k", "3"]
     exact = retrieval.run(query)
     approximate = retrieval.run([*query, "--index-type", "hnsw"])
     assert [h["id"] for h in approximate[0]["hits"]] == [h["id"] for h in exact[0]["hits"]]  # 7 items: all found
+    assert "building one" not in capsys.readouterr().err  # the saved index was loaded
+    (tmp_path / "gallery.safetensors.hnsw.faiss").unlink()
+    unsaved = retrieval.run([*query, "--index-type", "hnsw", "--ef-construction", "40", "--target-recall", "0.9"])
+    assert [h["id"] for h in unsaved[0]["hits"]] == [h["id"] for h in exact[0]["hits"]]
+    assert "no hnsw index beside" in capsys.readouterr().err  # built for this search only, and the user is told
     with pytest.raises(SystemExit) as stopped:
         retrieval.run([*query, "--index-type", "ivf-flat"])  # 7 vectors cannot train an IVF index
     assert stopped.value.code == 2 and "training sample too small" in capsys.readouterr().err

@@ -133,6 +133,12 @@ def test_cli_export_and_import_round_trip_and_a_missing_sidecar_is_named(tmp_pat
     assert "3 explanations imported" in capsys.readouterr().out
     assert set(read_explanation_cache(cache, model="served-model")) == set(TEXTS[:3])
 
+    # Results of another export (custom_ids no request file knows) are not a silent success.
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text(json.dumps({**success_line(read_lines(requests)[0], "x"), "custom_id": "ec-other"}) + "\n")
+    assert main(["import-batch", "--results", str(foreign), "--requests", str(requests), "--cache", str(cache)]) == 1
+    assert "1 output line(s) not imported" in capsys.readouterr().err
+
     requests.with_name("requests.jsonl.ids.jsonl").unlink()
     with pytest.raises(SystemExit) as stopped:
         main(["import-batch", "--results", str(results), "--requests", str(requests), "--cache", str(cache)])

@@ -2,6 +2,7 @@
 balancing several servers (issue 12, item 3)."""
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 
 from entityclip_hf.explain import (
     PROMPT_VERSION,
+    CacheLockedError,
     ExplanationCache,
     ExplanationResult,
     OpenAICompatibleExplainer,
@@ -155,3 +157,22 @@ def test_several_servers_share_the_work_and_a_dead_one_is_passed_over(servers, t
 def test_the_same_server_twice_is_refused():
     with pytest.raises(ValueError, match="the same server is given twice"):
         OpenAICompatibleExplainer(["http://127.0.0.1:1", "http://127.0.0.1:1/v1"], "m")
+
+
+def test_merge_refuses_an_output_being_written_and_warns_of_a_source_being_written(tmp_path, caplog, capsys):
+    source = tmp_path / "shards" / "shard-0.jsonl"
+    with ExplanationCache(source, "m") as cache:
+        cache.append([ExplanationResult("t1", "e1")])
+        with caplog.at_level(logging.WARNING, logger="entityclip_hf.explain"):
+            merge_caches([source.parent], tmp_path / "merged.jsonl")  # a snapshot, with a warning
+        assert "shard-0.jsonl is still being written" in caplog.text
+    live = tmp_path / "live.jsonl"
+    with ExplanationCache(live, "m") as cache:
+        cache.append([ExplanationResult("t2", "e2")])
+        with pytest.raises(CacheLockedError, match="a generator is writing to"):
+            merge_caches([tmp_path / "merged.jsonl"], live)
+        assert main(["merge", str(tmp_path / "merged.jsonl"), "--output", str(live)]) == 1
+        assert "a generator is writing to" in capsys.readouterr().err
+        cache.append([ExplanationResult("t3", "e3")])
+    assert read_explanation_cache(live) == {"t2": "e2", "t3": "e3"}  # the writer's file was left alone
+    assert read_explanation_cache(tmp_path / "merged.jsonl") == {"t1": "e1"}

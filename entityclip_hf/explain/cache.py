@@ -86,6 +86,21 @@ def cache_files(path: str | os.PathLike) -> list[Path]:
     return [path]
 
 
+def writer_is_running(path: str | os.PathLike) -> bool:
+    """Whether a generator (an open ``ExplanationCache``) holds the cache file ``path`` for writing right now."""
+    path = Path(path)
+    if fcntl is None or not path.is_file():
+        return False
+    with path.open("rb") as handle:
+        try:  # a shared lock is refused while a writer holds its exclusive one; closing the file releases ours
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:  # a file system without locks: nothing to tell
+            return False
+    return False
+
+
 def read_explanation_cache(
     path: str | os.PathLike, model: str | None = None, prompt_version: str | None = None
 ) -> dict[str, str]:

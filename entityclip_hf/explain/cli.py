@@ -345,7 +345,15 @@ def _subcommand(name: str, argv: list[str]) -> int:
         print(f"entityclip-explain import-batch: {imported}", flush=True)
         for error in imported.errors:
             print(f"  failed: {error}", flush=True)
-        return 1 if imported.failed else 0
+        if imported.unreadable:  # answers paid for and not in the cache: never a silent success
+            print(
+                f"entityclip-explain import-batch: error: {imported.unreadable} output line(s) not imported: not JSON, "
+                "or a custom_id none of the --requests files knows (the request files of another export?); "
+                "the warnings above name them",
+                file=sys.stderr,
+                flush=True,
+            )
+        return 1 if imported.failed or imported.unreadable else 0
     except (OSError, ValueError) as error:
         parser.error(str(error))
     except CacheLockedError as error:

@@ -7,12 +7,15 @@ process): every worker, on any machine, puts each text in the same shard.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cache import cache_files, iter_cache_records, write_json_lines_atomically
+from .cache import CacheLockedError, cache_files, iter_cache_records, write_json_lines_atomically, writer_is_running
 from .prompt import PROMPT_VERSION
+
+logger = logging.getLogger(__name__)
 
 
 def text_hash(text: str) -> str:
@@ -53,13 +56,26 @@ def merge_caches(
     ``read_explanation_cache`` chooses. Failures are dropped unless ``keep_failures`` (then a text's last failure is
     kept only when it has no ok record). The output is written to a temporary file beside it, fsynced, then
     renamed over ``output``: a crash leaves the old file or the new one, never half of one. Returns counts.
+
+    An ``output`` a generator is writing to is refused (``CacheLockedError``): the rename would cut that writer off,
+    and what it wrote next would be lost. A source still being written is merged as it is now, with a warning.
     """
     output = Path(output)
+    if writer_is_running(output):
+        raise CacheLockedError(
+            f"a generator is writing to {output}: merging over it would lose what it writes next; "
+            "merge into another file, or wait until it ends"
+        )
     chosen: dict[tuple[str, str], dict] = {}
     failures: dict[tuple[str, str], dict] = {}
     read = 0
     files = [file for source in sources for file in cache_files(source)]
     for file in files:
+        if writer_is_running(file):
+            logger.warning(
+                "%s is still being written (its worker is running): merged as it is now; merge again when it ends",
+                file,
+            )
         for record in iter_cache_records(file):
             read += 1
             key = (record["model"], record["text"])

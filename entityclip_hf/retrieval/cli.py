@@ -138,7 +138,8 @@ def _command_encode(args) -> dict:
 
 
 def _ann_options(args) -> dict:
-    names = ("nlist", "nprobe", "pq_m", "hnsw_m", "ef_search", "train_size")
+    names = ("nlist", "nprobe", "pq_m", "refine_factor", "hnsw_m", "ef_construction", "ef_search", "train_size")
+    names += ("target_recall",)
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
@@ -149,6 +150,8 @@ def _describe_ann(ann: ApproximateIndex) -> str:
         if options.index_type == "hnsw"
         else f"nlist={options.nlist}, nprobe={options.nprobe}"
     )
+    if options.index_type == "ivf-pq":
+        knob += f", refine_factor={options.refine_factor}"
     recall = {key: value for key, value in options.tuned.items() if key.startswith("sample_recall")}
     tuned = (
         f", tuned: recall@10 {next(iter(recall.values()))} on {options.tuned['sample_queries']} sample queries"
@@ -182,6 +185,13 @@ def _command_search(args) -> list[dict]:
     if args.index_type != "flat" and args.index:
         saved = ApproximateIndex.path_for(args.index, args.index_type)
         ann["_saved_ann"] = saved if saved.is_file() else None
+        if not saved.is_file():  # a build of minutes at a million items, lost when the command ends: say so
+            print(
+                f"no {args.index_type} index beside {args.index} ({saved.name}): building one for this search only; "
+                f"`entityclip-search encode ... --index-type {args.index_type}` saves it",
+                file=sys.stderr,
+                flush=True,
+            )
     elif args.index_type == "flat" and ann:
         raise ValueError(
             f"{', '.join('--' + name.replace('_', '-') for name in ann)} need --index-type ivf-flat, ivf-pq or hnsw."
@@ -290,9 +300,18 @@ def _parser():
         sub.add_argument("--nlist", type=int, help="IVF lists (default ~4 sqrt(N))")
         sub.add_argument("--nprobe", type=int, help="IVF lists searched per query (default: tuned to recall@10 0.95)")
         sub.add_argument("--pq-m", type=int, help="IVF-PQ sub-quantisers (default D/4)")
+        sub.add_argument(
+            "--refine-factor",
+            type=int,
+            help="IVF-PQ: refine_factor x k candidates re-ranked exactly (default 4, raised by tuning)",
+        )
         sub.add_argument("--hnsw-m", type=int, help="HNSW neighbours per node (default 32)")
+        sub.add_argument("--ef-construction", type=int, help="HNSW build effort (default 80)")
         sub.add_argument("--ef-search", type=int, help="HNSW search effort (default: tuned to recall@10 0.95)")
         sub.add_argument("--train-size", type=int, help="IVF training sample (default min(N, 32 nlist))")
+        sub.add_argument(
+            "--target-recall", type=float, help="recall@10 the search knob is tuned to at build time (default 0.95)"
+        )
         sub.add_argument(
             "--explanation-weight", type=float, default=0.0,
             help="explanation-aware retrieval (opt-in): a text becomes normalize((1-w) text + w explanation); applies "

@@ -57,6 +57,8 @@ class EmbeddingIndex:
         **ann_options: Options of the approximate index, [`~ann_index.AnnOptions`]: `nlist`, `nprobe`, `pq_m`,
             `refine_factor`, `hnsw_m`, `ef_construction`, `ef_search`, `train_size`, `target_recall`, `seed`. The
             search knob (`nprobe` / `ef_search`) left out is tuned at build time to reach `target_recall` (0.95).
+            IVF-PQ re-ranks its shortlist with exact inner products on this index's `embeddings` (not a copy: it
+            adds only its codes to memory, when `device` is the CPU).
     """
 
     def __init__(
@@ -142,16 +144,19 @@ class EmbeddingIndex:
         unknown = sorted(set(ann_options) - known)
         if unknown:
             raise ValueError(f"unknown approximate-index option(s) {unknown}; known: {', '.join(sorted(known))}.")
+        # On CPU this is the gallery tensor's own memory: IVF-PQ re-ranks against it instead of keeping a copy.
         vectors = self.embeddings.cpu().numpy()
         if saved is not None:
             loaded = ApproximateIndex.load(saved, vectors)
-            search_knobs = {"nprobe", "ef_search", "threads"}
+            search_knobs = {"nprobe", "ef_search", "refine_factor", "threads"}
             differing = {
                 name: value for name, value in ann_options.items()
                 if name not in search_knobs and value is not None and getattr(loaded.options, name) != value
             }  # fmt: skip
             if not differing:
-                loaded.set_search_options(ann_options.get("nprobe"), ann_options.get("ef_search"))
+                loaded.set_search_options(
+                    ann_options.get("nprobe"), ann_options.get("ef_search"), ann_options.get("refine_factor")
+                )
                 return loaded
             logger.info("%s was built with other options (%s differ): building a new index", saved, sorted(differing))
         return ApproximateIndex.build(vectors, AnnOptions(index_type=index_type, **ann_options))
@@ -266,5 +271,3 @@ def add_embeddings_column(dataset, embeddings, column: str = "embeddings", faiss
 
         dataset.add_faiss_index(column=column, metric_type=faiss.METRIC_INNER_PRODUCT)
     return dataset
-
-
