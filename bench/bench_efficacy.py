@@ -60,7 +60,7 @@ BENCH_ARMS = {
     name: ARM_FLAGS[name]
     for name in (
         "plain", "entityclip", "no_explanations", "explanation_loss", "leak_free_experts", "cross_itm", "all_variants",
-        "itm_reranker", "itm_reranker_no_cross_attention",
+        "itm_reranker", "itm_reranker_no_cross_attention", "itm_reranker_fused_negatives",
     )
 }  # fmt: skip
 # Stage 2's recipe, the same for every arm (chosen on the seen validation split with the plain arm).

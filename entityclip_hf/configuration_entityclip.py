@@ -61,6 +61,10 @@ class EntityCLIPConfig(PreTrainedConfig):
             GI-ITM learns image-text interaction: the text's end-of-text token (plus its explanation's) attends to
             every image token in a cross-attention block (as BLIP's ITM), whose output is added to the gated expert
             fusion before `itm_head`.
+        itm_negatives_from_fused_texts (`bool`, defaults to `False`):
+            GI-ITM's in-batch hard negatives are mined from the similarity of images to explanation-aware texts
+            `normalize((1 - w) t + w e)` (`w` = `explanation_fusion_weight`) instead of to the texts alone: the
+            candidates that explanation-aware retrieval puts in the top k, which the head then reranks.
     """
 
     model_type = "entityclip"
@@ -99,6 +103,7 @@ class EntityCLIPConfig(PreTrainedConfig):
     explanation_fusion_weight: float = 0.5
     expert_loss_reads_candidate_explanation: bool = False
     itm_cross_attention: bool = False
+    itm_negatives_from_fused_texts: bool = False
     explanation_encoder_gradient: bool = True
 
     def __post_init__(self, **kwargs):
@@ -174,7 +179,7 @@ class EntityCLIPConfig(PreTrainedConfig):
         weight = self.explanation_fusion_weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
             raise ValueError(f"`explanation_fusion_weight` must be a number in [0, 1], got {weight!r}.")
-        for name in ("expert_loss_reads_candidate_explanation", "itm_cross_attention"):
+        for name in ("expert_loss_reads_candidate_explanation", "itm_cross_attention", "itm_negatives_from_fused_texts"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
         if not math.isfinite(self.logit_scale_max) or self.logit_scale_max <= 0:

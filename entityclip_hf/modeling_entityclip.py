@@ -509,6 +509,13 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
         arange = torch.arange(batch_size, device=input_ids.device)
         if compute_losses and config.gamma > 0 and batch_size >= 2:
             similarity = logits_per_image.detach()
+            if config.itm_negatives_from_fused_texts:
+                # Variant: mine GI-ITM's negatives where explanation-aware retrieval confuses them, i.e. from the
+                # image vs fused-text similarity whose top k the head will rerank.
+                fused_texts = fused_text_embeddings(
+                    text.pooled.detach(), explanation.pooled.detach(), has_explanation, config.explanation_fusion_weight
+                )
+                similarity = logit_scale.exp().detach().float() * image_embeds.detach() @ fused_texts.t()
             if self.training:
                 negative_text_rows = sample_negatives(similarity, hard=config.use_hard_negatives)
                 negative_image_rows = sample_negatives(similarity.t(), hard=config.use_hard_negatives)

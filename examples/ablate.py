@@ -50,6 +50,10 @@ ARM_FLAGS: dict[str, list[str]] = {
         "--head_learning_rate",
         "2e-3",
     ],  # fmt: skip
+    "itm_reranker_fused_negatives": [
+        "--explanation_contrastive_weight", "1.0", "--itm_cross_attention", "true", "--gamma", "1",
+        "--head_learning_rate", "2e-3", "--itm_negatives_from_fused_texts", "true",
+    ],  # fmt: skip
     "itm_reranker_no_cross_attention": [
         "--explanation_contrastive_weight",
         "1.0",

@@ -68,7 +68,8 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "explanation_inpu
 # Flags that are EntityCLIPConfig fields: given, they override the model's (None: the model's own value).
 MODEL_FIELDS = (
     "beta", "gamma", "explanation_contrastive_weight", "explanation_fusion_weight",
-    "expert_loss_reads_candidate_explanation", "itm_cross_attention", "use_hard_negatives",
+    "expert_loss_reads_candidate_explanation", "itm_cross_attention", "itm_negatives_from_fused_texts",
+    "use_hard_negatives",
 )  # fmt: skip
 LOSS_NAMES = ("loss", "contrastive_loss", "expert_contrastive_loss", "itm_loss")
 TRACKER_PROJECT = "entityclip"  # accelerator.init_trackers' project: TensorBoard writes to <output_dir>/entityclip
@@ -113,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--itm_cross_attention", type=str2bool, nargs="?", const=True,
         help="variant: GI-ITM with a text-to-image cross-attention block (paper: false)",
+    )  # fmt: skip
+    p.add_argument(
+        "--itm_negatives_from_fused_texts", type=str2bool, nargs="?", const=True,
+        help="variant: GI-ITM negatives mined from the explanation-aware text similarity (paper: the text's)",
     )  # fmt: skip
     p.add_argument("--tiny_hidden_size", type=int, default=64, help="--model tiny: width of both towers")
     p.add_argument("--tiny_num_layers", type=int, default=2, help="--model tiny: layers of both towers")

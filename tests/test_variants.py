@@ -17,6 +17,7 @@ VARIANT_FIELDS = {
     "explanation_fusion_weight": 0.5,
     "expert_loss_reads_candidate_explanation": False,
     "itm_cross_attention": False,
+    "itm_negatives_from_fused_texts": False,
 }
 TEXTS = ["Mara Voss speaks.", "A view of Elsra.", "Kestrel Bank reports.", "The Lumen Festival opens."]
 EXPLANATIONS = ["Mara Voss wears a red jacket.", None, "Kestrel Bank has a gold logo.", "A purple stage."]
@@ -39,14 +40,15 @@ def test_variant_fields_default_to_the_paper_and_round_trip(tiny_clip_config):
     assert {name: getattr(config, name) for name in VARIANT_FIELDS} == VARIANT_FIELDS
     on = EntityCLIPConfig(
         clip_config=tiny_clip_config, explanation_contrastive_weight=0.5, explanation_fusion_weight=0.3,
-        expert_loss_reads_candidate_explanation=True, itm_cross_attention=True,
+        expert_loss_reads_candidate_explanation=True, itm_cross_attention=True, itm_negatives_from_fused_texts=True,
     )  # fmt: skip
     again = EntityCLIPConfig.from_dict(on.to_dict())
     assert {name: getattr(again, name) for name in VARIANT_FIELDS} == {
         name: getattr(on, name) for name in VARIANT_FIELDS
     }
     for name, bad in (("explanation_fusion_weight", 1.5), ("explanation_contrastive_weight", -1.0),
-                      ("itm_cross_attention", "yes"), ("expert_loss_reads_candidate_explanation", 1)):  # fmt: skip
+                      ("itm_cross_attention", "yes"), ("expert_loss_reads_candidate_explanation", 1),
+                      ("itm_negatives_from_fused_texts", "true")):  # fmt: skip
         with pytest.raises(ValueError, match=name):
             EntityCLIPConfig(clip_config=tiny_clip_config, **{name: bad})
 
@@ -138,3 +140,33 @@ def test_cross_attention_itm_trains_and_saves(tiny_clip_config, batch, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.match_probability(**batch), model.match_probability(**batch))
     assert (tmp_path / "modeling_variants.py").exists(), "copied beside the weights for trust_remote_code"
+
+
+@pytest.mark.parametrize("from_fused", [False, True])
+def test_itm_negatives_are_mined_from_the_similarity_retrieval_reranks(tiny_clip_config, batch, from_fused):
+    from unittest import mock
+
+    from entityclip_hf import modeling_entityclip
+
+    model = model_with(
+        tiny_clip_config, itm_negatives_from_fused_texts=from_fused, explanation_fusion_weight=0.4
+    ).eval()
+    with mock.patch.object(
+        modeling_entityclip, "hardest_negatives", wraps=modeling_entityclip.hardest_negatives
+    ) as mined:
+        model(**batch, return_loss=True)
+    similarity = mined.call_args_list[0].args[0]  # the images' negatives: rows are images
+    with torch.no_grad():
+        image = F.normalize(model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output, dim=-1)
+        text = model.get_text_features(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).pooler_output
+        if from_fused:
+            has = batch["explanation_attention_mask"].bool().any(dim=1)
+            explanation = model.get_text_features(
+                input_ids=batch["explanation_input_ids"], attention_mask=batch["explanation_attention_mask"]
+            ).pooler_output
+            text = fused_text_embeddings(text, explanation, has, 0.4)
+        expected = model.clip.logit_scale.exp() * image @ F.normalize(text, dim=-1).T
+    # Rows without an explanation keep the text's similarity; the others move.
+    torch.testing.assert_close(similarity, expected, rtol=1e-4, atol=1e-4)
