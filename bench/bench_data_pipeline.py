@@ -96,7 +96,7 @@ def loader_throughput(dataset, processor, batch_size: int, num_workers: int, epo
 
 def training_samples_per_second(batch_size: int, iterations: int) -> float:
     """EntityCLIP training-step samples/s (fp32, ViT-B/32 shapes, texts 40 and explanations 77 tokens)."""
-    from bench_training_step import Setup, TrainingStep
+    from training_steps import Setup, TrainingStep
 
     with Worker("entityclip", TrainingStep, "entityclip", batch_size, 40, 77, Setup(), seed=0) as worker:
         worker.call("timed_step")  # warm-up

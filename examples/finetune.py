@@ -69,6 +69,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "explanation_inpu
 MODEL_FIELDS = (
     "beta", "gamma", "explanation_contrastive_weight", "explanation_fusion_weight",
     "expert_loss_reads_candidate_explanation", "itm_cross_attention", "use_hard_negatives",
+    "explanation_encoder_gradient",
 )  # fmt: skip
 LOSS_NAMES = ("loss", "contrastive_loss", "expert_contrastive_loss", "itm_loss")
 STATE_FILE = "trainer_state.json"
@@ -114,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--itm_cross_attention", type=str2bool, nargs="?", const=True,
         help="variant: GI-ITM with a text-to-image cross-attention block (paper: false)",
+    )  # fmt: skip
+    p.add_argument(
+        "--explanation_encoder_gradient", type=str2bool, nargs="?", const=True,
+        help="false (cheaper): explanations encoded without a gradient through the text encoder (paper: true)",
     )  # fmt: skip
     p.add_argument("--tiny_hidden_size", type=int, default=64, help="--model tiny: width of both towers")
     p.add_argument("--tiny_num_layers", type=int, default=2, help="--model tiny: layers of both towers")
