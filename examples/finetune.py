@@ -54,6 +54,7 @@ from training_guards import (
 from transformers import AutoConfig, CLIPImageProcessorPil, CLIPTokenizer, get_scheduler
 
 from entityclip_hf import EntityCLIPConfig, EntityCLIPModel
+from entityclip_hf.allocator import keep_freed_memory
 from entityclip_hf.data import KNOWN_DATASETS, EntityCLIPCollator, lazy_images, load_entity_dataset, make_demo_dataset
 from entityclip_hf.data.formats import get_format
 from entityclip_hf.data.loading import IMAGE_CHECKS
@@ -165,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed_precision", default=None, choices=["no", "bf16", "fp16"], help="default: accelerate's")
     p.add_argument("--gradient_checkpointing", default=False, **flag)
     p.add_argument("--compile", default=False, help="torch.compile CLIP's vision and text encoders (inductor)", **flag)
+    p.add_argument(
+        "--malloc_keep_freed", default=True, **flag,
+        help="glibc's malloc keeps freed memory (entityclip_hf.allocator): CPU steps stop page-faulting activations",
+    )  # fmt: skip
     p.add_argument(
         "--cpu", default=False, help="train on CPU even if a GPU is there (also: several CPU processes)", **flag
     )
@@ -666,6 +671,9 @@ def train(args) -> dict:
         f"{accelerator.num_processes} process(es), distributed type {accelerator.distributed_type.value}, "
         f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}"
     )
+    if args.malloc_keep_freed:  # before the data loaders: their worker processes inherit the setting
+        applied, why = keep_freed_memory()
+        log(f"allocator: {why}" if applied else f"warning: allocator left as it is: {why} (bench/README.md, Allocator)")
     set_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
 
