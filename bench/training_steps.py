@@ -37,6 +37,7 @@ def open_clip_available() -> bool:
         return False
     return True
 
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """How a step runs: the options whose gains docs/performance.md reports."""
