@@ -56,6 +56,8 @@ GAINS = {
     "malloc": (Setup(malloc="default"), Setup(malloc="tuned")),
     # The allocator setting applied from inside the process (entityclip_hf.allocator, what finetune.py calls).
     "malloc-mallopt": (Setup(malloc="default"), Setup(malloc="mallopt")),
+    # The cheaper explanation pass (opt-in): explanations encoded without a gradient through the text encoder.
+    "explanation-encoder-gradient": (Setup(), Setup(model_fields=(("explanation_encoder_gradient", False),))),
 }
 
 
@@ -239,9 +241,10 @@ def gain_report(results: dict[int, dict], matmul_flops: float) -> str:
                     f"{baseline['time'] / figures['time']:.2f}x",
                     f"{baseline['cpu_time'] / figures['cpu_time']:.2f}x",
                     f"{figures['memory'] / baseline['memory']:.2f}",
+                    f"{figures['flops'] / baseline['flops']:.3f}",
                 ]
             )
-    return format_table(FIGURE_HEADERS + ["speed-up", "CPU-time speed-up", "memory vs first"], rows)
+    return format_table(FIGURE_HEADERS + ["speed-up", "CPU-time speed-up", "memory vs first", "FLOPs vs first"], rows)
 
 
 def variant_flops_report(args: argparse.Namespace) -> str:
@@ -333,7 +336,9 @@ def main(argv=None) -> int:
         return 0
 
     if args.gain:
-        without, with_gain = (dataclasses.replace(gain, device=args.device) for gain in GAINS[args.gain])
+        # --device, and --malloc unless the allocator is what is compared, apply to both sides.
+        shared = {"device": args.device} | ({} if args.gain.startswith("malloc") else {"malloc": args.malloc})
+        without, with_gain = (dataclasses.replace(gain, **shared) for gain in GAINS[args.gain])
         variants = {without.describe(): ("entityclip", without), with_gain.describe(): ("entityclip", with_gain)}
         title = f"Gain of {args.gain} on the EntityCLIP training step"
     else:

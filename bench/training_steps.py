@@ -50,6 +50,7 @@ class Setup:
     malloc: str = "default"  # "tuned": glibc's malloc keeps freed memory (MALLOC_TUNED at process start);
     # "mallopt": the same set from inside the process by entityclip_hf.allocator (what finetune.py does)
     device: str = "cpu"  # "cuda": the model and batch on the GPU
+    model_fields: tuple[tuple[str, object], ...] = ()  # EntityCLIPConfig fields of the EntityCLIP model (variants)
 
     def describe(self) -> str:
         parts = [self.precision, f"attention {self.attn}", f"AdamW {self.optimizer}"]
@@ -61,6 +62,7 @@ class Setup:
             parts.append(f"malloc {self.malloc}")
         if self.device != "cpu":
             parts.append(self.device)
+        parts += [f"{name}={value}" for name, value in self.model_fields]
         return ", ".join(parts)
 
     def worker_env(self) -> dict[str, str] | None:
@@ -123,7 +125,8 @@ class TrainingStep:
             else:
                 from entityclip_hf import EntityCLIPConfig, EntityCLIPModel
 
-                self.model = EntityCLIPModel(EntityCLIPConfig(clip_config=config, **(fields or {})))
+                fields = {**dict(setup.model_fields), **(fields or {})}
+                self.model = EntityCLIPModel(EntityCLIPConfig(clip_config=config, **fields))
                 # The same backbone as the CLIP baseline: its weights, copied.
                 self.model.clip.load_state_dict(clip.state_dict())
                 del clip

@@ -31,6 +31,7 @@ import transformers
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
 from accelerate.utils import set_seed
 from datasets.utils import logging as datasets_logging
+from model_flags import MODEL_FIELDS, add_model_field_flags, str2bool
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.utils.data import DataLoader
@@ -66,27 +67,11 @@ from entityclip_hf.processing_entityclip import EntityCLIPProcessor
 from entityclip_hf.tiny_models import tiny_clip_config, tiny_image_processor, train_bpe_tokenizer
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "explanation_input_ids", "explanation_attention_mask")
-# Flags that are EntityCLIPConfig fields: given, they override the model's (None: the model's own value).
-MODEL_FIELDS = (
-    "beta", "gamma", "explanation_contrastive_weight", "explanation_fusion_weight",
-    "expert_loss_reads_candidate_explanation", "itm_cross_attention", "use_hard_negatives",
-    "explanation_encoder_gradient",
-)  # fmt: skip
 LOSS_NAMES = ("loss", "contrastive_loss", "expert_contrastive_loss", "itm_loss")
 STATE_FILE = "trainer_state.json"
 TRACKER_PROJECT = "entityclip"  # accelerator.init_trackers' project: TensorBoard writes to <output_dir>/entityclip
 # What a run writes into --output_dir, and what --overwrite_output_dir deletes.
 RUN_OUTPUTS = ("checkpoints", "best", "final", "train_log.jsonl", "results.json", TRACKER_PROJECT)
-
-
-def str2bool(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,30 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON file of flag values; command-line flags override it")
     # model
     p.add_argument("--model", default="tiny", help="'tiny' (from scratch), a CLIP checkpoint, or an EntityCLIP one")
-    p.add_argument("--beta", type=float, help="weight of the expert contrastive loss (default: the model's, 0.1)")
-    p.add_argument("--gamma", type=float, help="weight of the GI-ITM loss (default: the model's, 0.1)")
-    # opt-in variants (EntityCLIPConfig fields; default: the model's, i.e. the paper's behaviour)
-    p.add_argument(
-        "--explanation_contrastive_weight", type=float,
-        help="variant: weight of a contrastive loss between images and explanation-aware texts (paper: 0)",
-    )  # fmt: skip
-    p.add_argument("--explanation_fusion_weight", type=float, help="variant: the explanation's weight in that text")
-    p.add_argument(
-        "--use_hard_negatives", type=str2bool, nargs="?", const=True,
-        help="GI-ITM negatives drawn from the in-batch similarity (paper: true) or uniformly (false)",
-    )  # fmt: skip
-    p.add_argument(
-        "--expert_loss_reads_candidate_explanation", type=str2bool, nargs="?", const=True,
-        help="variant: leak-free expert loss, the image side reads each candidate text's explanation (paper: false)",
-    )  # fmt: skip
-    p.add_argument(
-        "--itm_cross_attention", type=str2bool, nargs="?", const=True,
-        help="variant: GI-ITM with a text-to-image cross-attention block (paper: false)",
-    )  # fmt: skip
-    p.add_argument(
-        "--explanation_encoder_gradient", type=str2bool, nargs="?", const=True,
-        help="false (cheaper): explanations encoded without a gradient through the text encoder (paper: true)",
-    )  # fmt: skip
+    add_model_field_flags(p)
     p.add_argument("--tiny_hidden_size", type=int, default=64, help="--model tiny: width of both towers")
     p.add_argument("--tiny_num_layers", type=int, default=2, help="--model tiny: layers of both towers")
     p.add_argument("--tiny_image_size", type=int, default=32, help="--model tiny: image side in pixels")
