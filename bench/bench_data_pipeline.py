@@ -97,6 +97,12 @@ class TorchvisionCollator:
         return batch
 
 
+def times_training(samples_per_second: float, training: float) -> str:
+    """How many times the training step's rate the loader delivers, e.g. "167x" or "2.5x"."""
+    ratio = samples_per_second / training
+    return f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.1f}x"
+
+
 def torchvision_available() -> bool:
     try:
         import torchvision.io  # noqa: F401
@@ -209,7 +215,7 @@ def main(argv=None) -> int:
             figures["samples_per_second"],
             figures["samples_per_second"] / max(num_workers, 1),
             figures["first_batch"],
-            f"{figures['samples_per_second'] / training:.{0 if figures['samples_per_second'] >= 10 * training else 1}f}x",
+            times_training(figures["samples_per_second"], training),
             "no" if figures["samples_per_second"] > training else "YES",
         ]
         for (decoder, num_workers), figures in results.items()

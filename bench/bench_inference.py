@@ -54,7 +54,13 @@ def compare(name: str, calls: dict, iterations: int, autocast: bool, device: str
     with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
         outputs = {key: call() for key, call in calls.items()}
         for key in names[1:]:
-            if not torch.equal(outputs[key], outputs[names[0]]):
+            # On the CPU the same computation gives the same bits; cuBLAS/cuDNN may pick other kernels per call.
+            same = (
+                torch.equal(outputs[key], outputs[names[0]])
+                if torch.device(device).type == "cpu"
+                else torch.allclose(outputs[key].float(), outputs[names[0]].float(), rtol=1e-2, atol=1e-2)
+            )
+            if not same:
                 raise RuntimeError(f"{name}: {key} returns other features than {names[0]} on the same weights")
         for iteration in range(iterations):
             for key in names if iteration % 2 == 0 else names[::-1]:
@@ -163,9 +169,9 @@ def main(argv=None) -> int:
     device_name = torch.cuda.get_device_name(torch.device(args.device)) if args.device != "cpu" else "CPU"
     text = (
         f"Inference on {device_name}, ViT-B/32 shapes, batch {args.batch_size}, texts {args.text_length} tokens, "
-        f"{args.precision}, attention {args.attn}; {args.iterations} rounds of alternated calls after 1 warm-up each; ratio = "
-        f"EntityCLIP's fastest / CLIPModel's fastest; outputs identical (torch.equal). The control, a second "
-        f"CLIPModel with the same weights, shows how far apart two runs of one computation are timed here.\n\n"
+        f"{args.precision}, attention {args.attn}; {args.iterations} rounds of alternated calls after 1 warm-up each; "
+        f"ratio = EntityCLIP's fastest / CLIPModel's fastest; outputs identical (torch.equal; on CUDA equal within "
+        f"1e-2). The control, a second CLIPModel with the same weights, shows how far apart two runs of one computation are timed here.\n\n"
         f"{table}"
     )
     report(text, args.markdown_out)
