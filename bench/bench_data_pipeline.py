@@ -8,14 +8,21 @@ temporary folder, with captions and explanations from the demo dataset's generat
 
 The loader must not be what limits training: its samples/s with 0 and 2 DataLoader workers is compared with the
 EntityCLIP training step's samples/s at the same batch size (measured here, or passed in by bench/run_all.py from
-the training bench of the same run).
+the training bench of the same run), and the samples/s of one worker says how many workers that rate needs.
+
+`--decoders pil torchvision` also measures torchvision's JPEG decoder (`torchvision.io.decode_jpeg`) with
+transformers' torchvision-backend `CLIPImageProcessor` on the decoded tensors, the same texts tokenized by the same
+processor. That path is the benchmark's own (`TorchvisionCollator` below): `EntityCLIPCollator` decodes with PIL.
 
     python bench/bench_data_pipeline.py
     python bench/bench_data_pipeline.py --training-samples-per-second 2.5   # skip the training-step measurement
+    python bench/bench_data_pipeline.py --workers 0 1 2 4 --decoders pil torchvision   # needs torchvision
 """
 
 import argparse
 import json
+import math
+import os
 import sys
 import tempfile
 import time
@@ -61,12 +68,55 @@ def write_dataset(folder: Path, num_samples: int, width: int, height: int, seed:
     return [row["text"] for row in rows] + [row["explanation"] for row in rows]
 
 
-def loader_throughput(dataset, processor, batch_size: int, num_workers: int, epochs: int) -> dict:
+class TorchvisionCollator:
+    """Rows -> model inputs with torchvision's JPEG decoder and the torchvision-backend `CLIPImageProcessor` (tensors
+    all the way), texts and explanations tokenized by `processor` as `EntityCLIPCollator` does. No bad-row handling:
+    a benchmark of the decoder, not a training collator."""
+
+    def __init__(self, processor):
+        from transformers import CLIPImageProcessor
+
+        self.processor = processor
+        self.image_processor = CLIPImageProcessor()  # the torchvision backend when torchvision is installed
+
+    def __call__(self, rows):
+        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+        images = [
+            decode_jpeg(
+                torch.frombuffer(row["image"]["bytes"], dtype=torch.uint8) if row["image"].get("bytes")
+                else read_file(row["image"]["path"]),
+                mode=ImageReadMode.RGB,
+            )
+            for row in rows
+        ]  # fmt: skip
+        batch = self.processor(
+            text=[row["text"] for row in rows], explanations=[row["explanation"] for row in rows], return_tensors="pt"
+        )
+        batch["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return batch
+
+
+def times_training(samples_per_second: float, training: float) -> str:
+    """How many times the training step's rate the loader delivers, e.g. "167x" or "2.5x"."""
+    ratio = samples_per_second / training
+    return f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.1f}x"
+
+
+def torchvision_available() -> bool:
+    try:
+        import torchvision.io  # noqa: F401
+    except Exception:  # noqa: BLE001 - a torchvision without its C++ ops raises RuntimeError at import
+        return False
+    return True
+
+
+def loader_throughput(dataset, collate_fn, batch_size: int, num_workers: int, epochs: int) -> dict:
     """Samples/s of iterating a DataLoader over `dataset`; the first batch (worker start-up) is timed apart."""
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
-        collate_fn=EntityCLIPCollator(processor),
+        collate_fn=collate_fn,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )
@@ -96,7 +146,7 @@ def loader_throughput(dataset, processor, batch_size: int, num_workers: int, epo
 
 def training_samples_per_second(batch_size: int, iterations: int) -> float:
     """EntityCLIP training-step samples/s (fp32, ViT-B/32 shapes, texts 40 and explanations 77 tokens)."""
-    from bench_training_step import Setup, TrainingStep
+    from training_steps import Setup, TrainingStep
 
     with Worker("entityclip", TrainingStep, "entityclip", batch_size, 40, 77, Setup(), seed=0) as worker:
         worker.call("timed_step")  # warm-up
@@ -109,6 +159,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=544, help="rows of the dataset (one epoch)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader num_workers to measure")
+    parser.add_argument(
+        "--decoders", nargs="+", choices=["pil", "torchvision"], default=["pil"],
+        help="JPEG decoders: pil (EntityCLIPCollator's) and torchvision (decode_jpeg + torchvision image processor)",
+    )  # fmt: skip
+    parser.add_argument("--training-source", help="where --training-samples-per-second comes from (printed)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per worker count (median)")
     parser.add_argument("--width", type=int, default=400)
     parser.add_argument("--height", type=int, default=300)
@@ -132,44 +187,78 @@ def main(argv=None) -> int:
         jpeg_kib = np.mean([path.stat().st_size for path in (folder / "images").glob("*.jpg")]) / 1024
         processor = EntityCLIPProcessor(image_processor=CLIPImageProcessorPil(), tokenizer=train_bpe_tokenizer(corpus))
         dataset = lazy_images(load_entity_dataset("jsonl", folder, splits=["train"])["train"])
+        collators = {"pil": EntityCLIPCollator(processor)}
+        if "torchvision" in args.decoders:
+            if torchvision_available():
+                collators["torchvision"] = TorchvisionCollator(processor)
+            else:
+                print("torchvision cannot be imported here: its decoder is not measured", flush=True)
+        collators = {name: collator for name, collator in collators.items() if name in args.decoders}
         results = {}
-        for num_workers in args.workers:
-            print(f"DataLoader with {num_workers} workers ...", flush=True)
-            results[num_workers] = loader_throughput(dataset, processor, args.batch_size, num_workers, args.epochs)
+        for decoder, collator in collators.items():
+            for num_workers in args.workers:
+                print(f"{decoder} decoder, DataLoader with {num_workers} workers ...", flush=True)
+                results[decoder, num_workers] = loader_throughput(
+                    dataset, collator, args.batch_size, num_workers, args.epochs
+                )
     if args.training_samples_per_second is None:
         print(f"EntityCLIP training step at batch {args.batch_size} ...", flush=True)
         training = training_samples_per_second(args.batch_size, args.training_iterations)
         training_source = f"measured here: median of {args.training_iterations} steps after 1 warm-up"
     else:
         training = args.training_samples_per_second
-        training_source = "from the training-step benchmark of the same run"
+        training_source = args.training_source or "from the training-step benchmark of the same run"
     rows = [
         [
+            decoder,
             num_workers,
             figures["samples_per_second"],
+            figures["samples_per_second"] / max(num_workers, 1),
             figures["first_batch"],
-            f"{figures['samples_per_second'] / training:.0f}x",
+            times_training(figures["samples_per_second"], training),
             "no" if figures["samples_per_second"] > training else "YES",
         ]
-        for num_workers, figures in results.items()
+        for (decoder, num_workers), figures in results.items()
     ]
     table = format_table(
-        ["DataLoader workers", "samples/s", "first batch (s)", "x training samples/s", "limits training"], rows
+        [
+            "decoder",
+            "DataLoader workers",
+            "samples/s",
+            "per worker",
+            "first batch (s)",
+            "x training samples/s",
+            "limits training",
+        ],
+        rows,
     )
+    # Workers needed to feed the training step: from one worker's measured rate (a worker is one process doing
+    # everything for its batches; several scale with the cores until the cores run out).
+    needed = []
+    for decoder in collators:
+        if (decoder, 1) in results:
+            per_worker = results[decoder, 1]["samples_per_second"]
+            needed.append(f"{decoder}: {math.ceil(training / per_worker)} worker(s) at {per_worker:.0f} samples/s each")
+    needed_text = ""
+    if needed:
+        needed_text = (
+            f"\nDataLoader workers needed to feed {training:.1f} samples/s (one worker's measured rate; this machine "
+            f"has {os.cpu_count()} cores): " + "; ".join(needed) + "."
+        )
     inline = ""
-    if 0 in results:
+    if ("pil", 0) in results:
         # Without workers the training process itself loads each batch between steps: this much longer a step.
         inline = (
             f" Loading in the training process (0 workers) would add "
-            f"{100 * training / results[0]['samples_per_second']:.1f}% to each step; with workers it overlaps."
+            f"{100 * training / results['pil', 0]['samples_per_second']:.1f}% to each step; with workers it overlaps."
         )
     any_result = next(iter(results.values()))
     text = (
         f"Data pipeline: {args.num_samples} rows, {args.width}x{args.height} JPEGs (mean {jpeg_kib:.0f} KiB), "
         f"batch {args.batch_size}, padded lengths text {any_result['text_length']:.0f} / explanation "
         f"{any_result['explanation_length']:.0f} tokens on average; samples/s after the first batch, median of "
-        f"{args.epochs} epochs.\nEntityCLIP training step (fp32, ViT-B/32 shapes, batch {args.batch_size}): "
-        f"{training:.2f} samples/s ({training_source}).{inline}\n\n{table}"
+        f"{args.epochs} epochs.\nEntityCLIP training step (batch {args.batch_size}): "
+        f"{training:.2f} samples/s ({training_source}).{inline}{needed_text}\n\n{table}"
     )
     report(text, args.markdown_out)
     return 0

@@ -105,20 +105,25 @@ def reset_peak_resident_memory() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------- compute
-def matmul_throughput(size: int = 2048, dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
+def matmul_throughput(
+    size: int = 2048, dtype: torch.dtype = torch.float32, repeats: int = 5, device: str = "cpu"
+) -> float:
     """This machine's matmul throughput in FLOP/s: best of `repeats` timed `size`x`size` products (2 size^3 FLOPs).
 
     The best run, not the median, because it estimates what the hardware can do; the benchmarks then report their
-    achieved FLOP/s as a fraction of it.
+    achieved FLOP/s as a fraction of it. On CUDA each product is timed to its end (synchronised).
     """
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=generator).to(dtype)
-    b = torch.randn(size, size, generator=generator).to(dtype)
-    torch.matmul(a, b)  # warm-up: thread pool, oneDNN/BLAS kernels
+    a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    torch.matmul(a, b)  # warm-up: thread pool, oneDNN/BLAS kernels, cuBLAS handles
+    synchronize()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         torch.matmul(a, b)
+        synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 

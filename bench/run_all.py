@@ -31,17 +31,63 @@ RETRIEVAL_END = "<!-- retrieval:end -->"
 WAIT_IDLE_SCRIPTS = ("bench_training_step.py", "bench_retrieval_metrics.py")
 
 # (title, script, arguments, whether it writes its report with --markdown-out; otherwise its stdout is the report)
-BENCHMARKS = [
+CPU_BENCHMARKS = [
+    # open_clip's row joins when the `bench` extra is installed (--open-clip auto).
     ("Training step", "bench_training_step.py", [], True),
     # glibc's malloc hands big freed blocks back to the kernel and page-faults them in again every step, which costs
-    # EntityCLIP's larger activations more than CLIP's: the same comparison with malloc keeping freed memory.
-    ("Training step, malloc tuned", "bench_training_step.py", ["--malloc", "tuned", "--batch-sizes", "32"], True),
+    # EntityCLIP's larger activations more than CLIP's: the same comparison with malloc keeping freed memory, set as
+    # finetune.py sets it (entityclip_hf.allocator).
+    ("Training step, malloc tuned", "bench_training_step.py", ["--malloc", "mallopt"], True),
     ("Inference", "bench_inference.py", [], True),
     ("Data pipeline", "bench_data_pipeline.py", [], True),
     ("Retrieval evaluation at scale", "bench_retrieval_metrics.py", ["--quick"], False),
 ]
-# The data pipeline is compared with the EntityCLIP training step at its batch size (32), as measured just before.
+# On a GPU: bf16 autocast (fp32 master weights), batches a GPU trains with, more timed steps (they take
+# milliseconds), a torch.compile row, and the data pipeline's workers needed to feed the GPU step.
+GPU_TRAINING_BATCH_SIZES = ["128", "256"]
+GPU_COMMON = ["--device", "cuda", "--precision", "bf16"]
+GPU_BENCHMARKS = [
+    (
+        "Training step (GPU, bf16)", "bench_training_step.py",
+        [*GPU_COMMON, "--batch-sizes", *GPU_TRAINING_BATCH_SIZES, "--iterations", "10"], True,
+    ),
+    (
+        "Training step (GPU, bf16, torch.compile of the encoders)", "bench_training_step.py",
+        [*GPU_COMMON, "--compile", "encoders", "--batch-sizes", GPU_TRAINING_BATCH_SIZES[-1], "--iterations", "10"],
+        True,
+    ),
+    ("Inference (GPU, bf16)", "bench_inference.py", [*GPU_COMMON, "--batch-size", "256", "--iterations", "20"], True),
+    (
+        "Data pipeline", "bench_data_pipeline.py",
+        ["--num-samples", "2048", "--workers", "0", "1", "2", "4", "--decoders", "pil", "torchvision"], True,
+    ),
+    ("Retrieval evaluation at scale", "bench_retrieval_metrics.py", ["--quick"], False),
+]  # fmt: skip
+# flash-attn's kernels through transformers' attn_implementation="flash_attention_2", where the package is installed.
+GPU_FLASH_ATTENTION = (
+    "Training step (GPU, bf16, flash_attention_2)", "bench_training_step.py",
+    [*GPU_COMMON, "--attn", "flash_attention_2", "--batch-sizes", GPU_TRAINING_BATCH_SIZES[-1], "--iterations", "10"],
+    True,
+)  # fmt: skip
+# The data pipeline is compared with the EntityCLIP training step at this batch size, as measured just before.
 DATA_PIPELINE_BATCH_SIZE = "32"
+
+
+def benchmark_plan(cuda: bool | None = None) -> tuple[str, list[tuple[str, str, list[str], bool]], str]:
+    """(device, the benchmarks to run, the training batch size the data pipeline is compared with): the GPU plan
+    when CUDA is there, the CPU plan otherwise."""
+    import importlib.util
+
+    import torch
+
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        return "cpu", list(CPU_BENCHMARKS), DATA_PIPELINE_BATCH_SIZE
+    plan = list(GPU_BENCHMARKS)
+    if importlib.util.find_spec("flash_attn") is not None:
+        plan.insert(2, GPU_FLASH_ATTENTION)
+    return "cuda", plan, GPU_TRAINING_BATCH_SIZES[-1]
 
 
 def run_benchmark(script: str, arguments: list[str], writes_markdown: bool, workdir: Path) -> tuple[str, float, int]:
@@ -110,7 +156,13 @@ def main(argv=None) -> int:
         help="run nothing: only copy bench/README_retrieval.md into bench/README.md",
     )
     parser.add_argument(
-        "--only", nargs="+", choices=[script for _, script, _, _ in BENCHMARKS], help="run only these benchmarks"
+        "--only",
+        nargs="+",
+        choices=sorted({script for _, script, _, _ in CPU_BENCHMARKS + GPU_BENCHMARKS}),
+        help="run only these benchmarks",
+    )
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: the GPU plan when CUDA is there"
     )
     parser.add_argument(
         "--wait-idle",
@@ -124,25 +176,30 @@ def main(argv=None) -> int:
     if args.merge_retrieval_only:
         update_readme(None)
         return 0
+    device, plan, pipeline_batch_size = benchmark_plan(None if args.device == "auto" else args.device == "cuda")
     machine = machine_summary()
-    print(f"Machine: {machine}\n", flush=True)
+    print(f"Machine: {machine}\nPlan: {device} ({len(plan)} benchmarks)\n", flush=True)
     reports, failed = [], []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         training_json = Path(workdir) / "training_step.json"
-        for title, script, arguments, writes_markdown in BENCHMARKS:
+        for title, script, arguments, writes_markdown in plan:
             if args.only and script not in args.only:
                 continue
             extra = []  # arguments that only pass figures between benchmarks of this run
-            if title == "Training step":
-                extra = ["--json-out", str(training_json)]
+            if script == "bench_training_step.py" and not training_json.exists():
+                extra = ["--json-out", str(training_json)]  # the first training bench: the plan's main one
             if script in WAIT_IDLE_SCRIPTS and args.wait_idle:
                 arguments = [*arguments, "--wait-idle", f"{args.wait_idle:g}"]
             if args.wait_idle and not wait_for_idle_cpu(timeout=args.wait_idle):
                 print(f"(the machine stayed busy for {args.wait_idle:g} s: running anyway)", flush=True)
             if script == "bench_data_pipeline.py" and training_json.exists():
-                training = json.loads(training_json.read_text())[DATA_PIPELINE_BATCH_SIZE]["EntityCLIPModel"]
-                arguments = [*arguments, "--training-samples-per-second", f"{training['samples_per_second']:.3f}"]
+                training = json.loads(training_json.read_text())[pipeline_batch_size]["EntityCLIPModel"]
+                arguments = [
+                    *arguments, "--batch-size", pipeline_batch_size,
+                    "--training-samples-per-second", f"{training['samples_per_second']:.3f}",
+                    "--training-source", f"EntityCLIP training step on {device}, batch {pipeline_batch_size}",
+                ]  # fmt: skip
             command = shlex.join(["python", f"bench/{script}", *arguments])
             print(f"==== {title}: {command}", flush=True)
             report, elapsed, exit_code = run_benchmark(script, arguments + extra, writes_markdown, Path(workdir))

@@ -41,7 +41,10 @@ class EntityCLIPConfig(PreTrainedConfig):
             Backpropagate through CLIP's text encoder on the explanation pass, as the paper does. `False` (opt-in,
             cheaper) encodes explanations without a gradient: the experts still learn from the explanation tokens,
             but the text encoder learns only from the texts, which saves that pass's backward and its activations
-            (ViT-B/32, batch 32: 0.788x the paper's training-step FLOPs, `bench/bench_training_step.py --variant-flops`).
+            (ViT-B/32, batch 32: 0.788x the paper's training-step FLOPs, `bench/bench_training_step.py --variant-flops`;
+            0.80x its peak memory at batch 16). It costs explanation-aware retrieval accuracy: with
+            `explanation_contrastive_weight=1` and explanation queries, -3.9 R@1 on seen and -14.5 on unseen entities
+            of the efficacy benchmark (bench/README.md).
 
     Variants that carry explanations into what retrieval uses (opt-in; the defaults are the paper's; measured
     effect and cost in `bench/README.md`):

@@ -30,6 +30,10 @@ ARM_FLAGS: dict[str, list[str]] = {
     "explanation_loss": ["--explanation_contrastive_weight", "1.0"],  # + images vs explanation-aware texts
     "leak_free_experts": ["--expert_loss_reads_candidate_explanation", "true"],  # expert loss, candidates' expl.
     "cross_itm": ["--itm_cross_attention", "true"],  # GI-ITM with text-to-image cross-attention
+    # explanation_loss, with the cheaper explanation pass (no gradient through the text encoder for explanations)
+    "explanation_loss_no_encoder_gradient": [
+        "--explanation_contrastive_weight", "1.0", "--explanation_encoder_gradient", "false",
+    ],  # fmt: skip
     "all_variants": [
         "--explanation_contrastive_weight",
         "1.0",

@@ -30,6 +30,7 @@ import transformers
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from datasets.utils import logging as datasets_logging
+from model_flags import MODEL_FIELDS, add_model_field_flags, str2bool
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from training_checkpoints import (  # noqa: F401 (checkpoint_steps, room_needed: used by the tests)
@@ -54,6 +55,7 @@ from training_guards import (
 from transformers import AutoConfig, CLIPImageProcessorPil, CLIPTokenizer, get_scheduler
 
 from entityclip_hf import EntityCLIPConfig, EntityCLIPModel
+from entityclip_hf.allocator import keep_freed_memory
 from entityclip_hf.data import KNOWN_DATASETS, EntityCLIPCollator, lazy_images, load_entity_dataset, make_demo_dataset
 from entityclip_hf.data.formats import get_format
 from entityclip_hf.data.loading import IMAGE_CHECKS
@@ -65,26 +67,10 @@ from entityclip_hf.processing_entityclip import EntityCLIPProcessor
 from entityclip_hf.tiny_models import tiny_clip_config, tiny_image_processor, train_bpe_tokenizer
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "explanation_input_ids", "explanation_attention_mask")
-# Flags that are EntityCLIPConfig fields: given, they override the model's (None: the model's own value).
-MODEL_FIELDS = (
-    "beta", "gamma", "explanation_contrastive_weight", "explanation_fusion_weight",
-    "expert_loss_reads_candidate_explanation", "itm_cross_attention", "itm_negatives_from_fused_texts",
-    "use_hard_negatives",
-)  # fmt: skip
 LOSS_NAMES = ("loss", "contrastive_loss", "expert_contrastive_loss", "itm_loss")
 TRACKER_PROJECT = "entityclip"  # accelerator.init_trackers' project: TensorBoard writes to <output_dir>/entityclip
 # What a run writes into --output_dir, and what --overwrite_output_dir deletes.
 RUN_OUTPUTS = ("checkpoints", "best", "final", "train_log.jsonl", "results.json", TRACKER_PROJECT)
-
-
-def str2bool(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,30 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON file of flag values; command-line flags override it")
     # model
     p.add_argument("--model", default="tiny", help="'tiny' (from scratch), a CLIP checkpoint, or an EntityCLIP one")
-    p.add_argument("--beta", type=float, help="weight of the expert contrastive loss (default: the model's, 0.1)")
-    p.add_argument("--gamma", type=float, help="weight of the GI-ITM loss (default: the model's, 0.1)")
-    # opt-in variants (EntityCLIPConfig fields; default: the model's, i.e. the paper's behaviour)
-    p.add_argument(
-        "--explanation_contrastive_weight", type=float,
-        help="variant: weight of a contrastive loss between images and explanation-aware texts (paper: 0)",
-    )  # fmt: skip
-    p.add_argument("--explanation_fusion_weight", type=float, help="variant: the explanation's weight in that text")
-    p.add_argument(
-        "--use_hard_negatives", type=str2bool, nargs="?", const=True,
-        help="GI-ITM negatives drawn from the in-batch similarity (paper: true) or uniformly (false)",
-    )  # fmt: skip
-    p.add_argument(
-        "--expert_loss_reads_candidate_explanation", type=str2bool, nargs="?", const=True,
-        help="variant: leak-free expert loss, the image side reads each candidate text's explanation (paper: false)",
-    )  # fmt: skip
-    p.add_argument(
-        "--itm_cross_attention", type=str2bool, nargs="?", const=True,
-        help="variant: GI-ITM with a text-to-image cross-attention block (paper: false)",
-    )  # fmt: skip
-    p.add_argument(
-        "--itm_negatives_from_fused_texts", type=str2bool, nargs="?", const=True,
-        help="variant: GI-ITM negatives mined from the explanation-aware text similarity (paper: the text's)",
-    )  # fmt: skip
+    add_model_field_flags(p)
     p.add_argument("--tiny_hidden_size", type=int, default=64, help="--model tiny: width of both towers")
     p.add_argument("--tiny_num_layers", type=int, default=2, help="--model tiny: layers of both towers")
     p.add_argument("--tiny_image_size", type=int, default=32, help="--model tiny: image side in pixels")
@@ -179,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
         "process the whole model and optimizer (safetensors); --resume reads either",
     )  # fmt: skip
     p.add_argument("--compile", default=False, help="torch.compile CLIP's vision and text encoders (inductor)", **flag)
+    p.add_argument(
+        "--malloc_keep_freed", default=True, **flag,
+        help="glibc's malloc keeps freed memory (entityclip_hf.allocator): CPU steps stop page-faulting activations",
+    )  # fmt: skip
     p.add_argument(
         "--cpu", default=False, help="train on CPU even if a GPU is there (also: several CPU processes)", **flag
     )
@@ -561,6 +528,9 @@ def train(args) -> dict:
         f"{accelerator.num_processes} process(es), distributed type {accelerator.distributed_type.value}, "
         f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}"
     )
+    if args.malloc_keep_freed:  # before the data loaders: their worker processes inherit the setting
+        applied, why = keep_freed_memory()
+        log(f"allocator: {why}" if applied else f"warning: allocator left as it is: {why} (bench/README.md, Allocator)")
     set_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
 
