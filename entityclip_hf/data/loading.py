@@ -29,6 +29,7 @@ from .formats import SPLITS, BadRecord, EntityFormat, canonical_split, get_forma
 from .images import image_error
 from .joins import images_per_file_name, join_explanations, report_shared_images, report_unused_explanations
 from .report import DataError, DataReport, SplitReport
+from .sources import ColumnMapping, load_source_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,15 @@ _CACHE_VERSION = "1"
 # Below this many images a split is checked in-process: starting worker processes costs more than it saves.
 _PARALLEL_CHECK_MIN_ROWS = 5000
 _STAT_CHUNK = 512
+
+
+def is_file_layout(name) -> bool:
+    """True for the names of the file layouts (`n24news`, `jsonl`, ...), False for a `datasets` source."""
+    try:
+        get_format(str(name))
+    except ValueError:
+        return False
+    return True
 
 
 def clean_text(text: str | None) -> str:
@@ -228,6 +238,7 @@ def load_entity_dataset(
     root: str | os.PathLike | None = None,
     explanations: str | os.PathLike | Sequence[str | os.PathLike] | None = "auto",
     *,
+    columns: ColumnMapping | None = None,
     splits: Sequence[str] | None = None,
     strict: bool = False,
     check_images: str = "header",
@@ -245,7 +256,11 @@ def load_entity_dataset(
     `headline`; VisualNews: `topic`, `source`; GoodNews: `title`; JSON lines: every other field).
 
     Args:
-        name: "n24news", "visualnews", "goodnews", "jsonl" or "demo" (any case: "N24News" works).
+        name: "n24news", "visualnews", "goodnews", "jsonl" or "demo" (any case: "N24News" works), or any other
+            `datasets` source: a Hub dataset id, a folder of parquet / arrow / csv / json files or webdataset tar
+            shards, a `save_to_disk` folder, or one such file (`root` unused; see `sources.load_source_dataset`).
+        columns: for a `datasets` source, which of its columns hold the image, text, explanation and id
+            (`ColumnMapping`; default: the usual names, e.g. `image`/`jpg`, `text`/`caption`/`txt`, `id`/`__key__`).
         root: the dataset folder (its layout is in `docs/datasets.md` and in the error when it is wrong). For
             "demo", a folder where the demo is built on first use (default: in the `datasets` cache).
         explanations: None, "auto" (the released files and `root/explanations/*.jsonl` caches found in the
@@ -265,6 +280,14 @@ def load_entity_dataset(
     """
     if check_images not in IMAGE_CHECKS:
         raise ValueError(f"check_images must be one of {', '.join(IMAGE_CHECKS)}, got {check_images!r}")
+    if not is_file_layout(name):
+        return load_source_dataset(
+            name, columns, explanations, splits=splits, strict=strict, check_images=check_images, num_proc=num_proc,
+            explanation_model=explanation_model, explanation_prompt_version=explanation_prompt_version,
+            max_examples=max_examples, cache_dir=cache_dir, return_report=return_report,
+        )  # fmt: skip
+    if columns is not None:
+        raise ValueError(f"columns: only for datasets sources; the {name} layout has fixed fields")
     fmt = get_format(name)
     root = fmt.prepare_root(root)
     wanted = list(dict.fromkeys(canonical_split(split) for split in splits)) if splits is not None else list(SPLITS)
@@ -350,4 +373,4 @@ def load_entity_dataset(
     return (result, report) if return_report else result
 
 
-__all__ = ["IMAGE_CHECKS", "clean_text", "image_error", "load_entity_dataset"]
+__all__ = ["IMAGE_CHECKS", "clean_text", "image_error", "is_file_layout", "load_entity_dataset"]
