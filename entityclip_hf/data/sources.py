@@ -93,7 +93,7 @@ def _is_explanation_file(path: Path, folder: Path) -> bool:
     return relative.parts[0] == EXPLANATIONS_SUBDIR or path.name.startswith(tuple(released_prefixes))
 
 
-def _data_files(folder: Path) -> dict[str, list[str]]:
+def split_data_files(folder: Path) -> dict[str, list[str]]:
     """The data files of each split as datasets finds them in `folder` (its split name patterns), less the
     explanation files that the same patterns match (`CapDsc_mistral_train.json` would be read as train rows)."""
     patterns = get_data_patterns(str(folder))
@@ -135,7 +135,7 @@ def open_source(
     elif path.is_dir():
         # datasets infers the builder (parquet, arrow, csv, json, webdataset, ...) and the splits from the file names.
         loaded = datasets.load_dataset(
-            str(path), data_files=_data_files(path), streaming=streaming, cache_dir=cache_dir
+            str(path), data_files=split_data_files(path), streaming=streaming, cache_dir=cache_dir
         )
         splits, root = dict(loaded), path.resolve()
     elif path.is_file():
@@ -459,5 +459,6 @@ __all__ = [
     "looks_like_hub_id",
     "open_source",
     "open_source_stream",
+    "split_data_files",
     "row_problem",
 ]
