@@ -112,52 +112,83 @@ def _split_name(name: str) -> str:
         return name  # another split name (e.g. "extra") is kept as it is
 
 
+def _rows_of(stream):
+    yield from stream
+
+
 def open_source(
-    source: str | os.PathLike, *, streaming: bool = False, cache_dir: str | None = None, stream_shards: int = 256
+    source: str | os.PathLike,
+    *,
+    streaming: bool = False,
+    splits: Sequence[str] | None = None,
+    cache_dir: str | None = None,
+    stream_shards: int = 256,
 ) -> tuple[dict, Path | None]:
     """The splits of `source` as `datasets` gives them (map-style, or iterable with `streaming=True`), by canonical
     split name, and the local folder they came from (None for a Hub id).
 
+    `splits`: only these (canonical names; those the source lacks are left out), and only their files are read: the
+    evaluation splits of a streamed training run never convert the training files. A Hub source's splits without
+    its train split are streamed into the cache (a Hub `load_dataset` prepares every split).
     A `save_to_disk` folder streams from its Arrow files, in `stream_shards` shards (at most one per row) so that
     processes and DataLoader workers each get some.
     """
     text = os.fspath(source)
     path = Path(text).expanduser()
+    wanted = None if splits is None else {canonical_split(split) for split in splits}
+
+    def keep(names) -> list:
+        return [name for name in names if wanted is None or _split_name(name) in wanted]
+
     if path.is_dir() and is_saved_to_disk(path):
         loaded = datasets.load_from_disk(str(path))
-        splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+        found = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+        found = {name: found[name] for name in keep(found)}
         if streaming:
-            splits = {
+            found = {
                 name: split.to_iterable_dataset(num_shards=max(1, min(stream_shards, len(split))))
-                for name, split in splits.items()
+                for name, split in found.items()
             }
         root = path.resolve()
     elif path.is_dir():
         # datasets infers the builder (parquet, arrow, csv, json, webdataset, ...) and the splits from the file names.
-        loaded = datasets.load_dataset(
-            str(path), data_files=split_data_files(path), streaming=streaming, cache_dir=cache_dir
-        )
-        splits, root = dict(loaded), path.resolve()
+        files = split_data_files(path)
+        files = {name: files[name] for name in keep(files)}
+        if not files:
+            return {}, path.resolve()
+        found = dict(datasets.load_dataset(str(path), data_files=files, streaming=streaming, cache_dir=cache_dir))
+        root = path.resolve()
     elif path.is_file():
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"{path}: not a data file datasets reads here (expected {', '.join(FILE_BUILDERS)})")
-        loaded = datasets.load_dataset(
-            builder, data_files={"train": str(path)}, streaming=streaming, cache_dir=cache_dir
+        if not keep(["train"]):
+            return {}, path.resolve().parent
+        found = dict(
+            datasets.load_dataset(builder, data_files={"train": str(path)}, streaming=streaming, cache_dir=cache_dir)
         )
-        splits, root = dict(loaded), path.resolve().parent
+        root = path.resolve().parent
     elif looks_like_hub_id(text):
+        partial = not streaming and wanted is not None and "train" not in wanted
         try:
-            loaded = datasets.load_dataset(text, streaming=streaming, cache_dir=cache_dir)
+            found = dict(datasets.load_dataset(text, streaming=streaming or partial, cache_dir=cache_dir))
         except (ConnectionError, FileNotFoundError) as error:
             raise FileNotFoundError(
                 f"{text}: no such local folder, and the Hub dataset could not be loaded ({error}). Offline "
                 "(HF_HUB_OFFLINE=1), a Hub dataset loads from the datasets cache once it has been loaded there"
             ) from error
-        splits, root = dict(loaded), None
+        found = {name: found[name] for name in keep(found)}
+        if partial:
+            found = {
+                name: datasets.Dataset.from_generator(
+                    _rows_of, gen_kwargs={"stream": stream}, features=stream.features, cache_dir=cache_dir
+                )
+                for name, stream in found.items()
+            }
+        root = None
     else:
         raise FileNotFoundError(f"{text}: no such file or folder (and not a Hub dataset id, user/name)")
-    return {_split_name(name): split for name, split in splits.items()}, root
+    return {_split_name(name): split for name, split in found.items()}, root
 
 
 def _renamed(dataset, chosen: dict[str, str | None]):
@@ -287,8 +318,8 @@ def load_source_dataset(
     caches, as for JSON lines; a Hub source has none) or files / folders. A row's own explanation column wins.
     """
     columns = columns or ColumnMapping()
-    raw, root = open_source(source, cache_dir=cache_dir)
     wanted = list(dict.fromkeys(canonical_split(split) for split in splits)) if splits is not None else None
+    raw, root = open_source(source, splits=wanted, cache_dir=cache_dir)
     if wanted is not None and (missing := [split for split in wanted if split not in raw]):
         raise FileNotFoundError(f"{source}: no split {', '.join(missing)} (its splits: {', '.join(raw)})")
     names = wanted or [split for split in SPLITS if split in raw] + [split for split in raw if split not in SPLITS]

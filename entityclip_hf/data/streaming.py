@@ -34,7 +34,9 @@ import torch
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader, get_worker_info
 
-from .sources import is_saved_to_disk, looks_like_hub_id, split_data_files
+from .formats import canonical_split
+from .loading import is_file_layout, load_entity_dataset
+from .sources import is_saved_to_disk, looks_like_hub_id, open_source, open_source_stream, split_data_files
 
 logger = logging.getLogger(__name__)
 
@@ -321,4 +323,48 @@ def estimate_num_rows(source, split: str = "train") -> tuple[int | None, str]:
     return counted[0], "exact" if counted[1] else "estimated"
 
 
-__all__ = ["StreamingLoader", "estimate_num_rows"]
+def load_for_streaming(
+    name,
+    root=None,
+    *,
+    columns=None,
+    explanations="auto",
+    check_images: str = "header",
+    other_splits=("validation", "test"),
+    cache_dir: str | None = None,
+    stream_shards: int = 256,
+) -> tuple[datasets.IterableDataset, int | None, str, datasets.DatasetDict]:
+    """What `--streaming` trains on: (the train split as a row stream, its rows, how they were counted, the other
+    splits asked for, loaded and checked by `load_entity_dataset`).
+
+    A file layout (`n24news`, `jsonl`, ...) is loaded and checked as usual and its train split streams from its Arrow
+    cache file; a `datasets` source's train split is never loaded, only streamed (its rows are checked on the fly).
+    """
+    if is_file_layout(name):
+        loaded = load_entity_dataset(name, root, explanations=explanations, check_images=check_images,
+                                     cache_dir=cache_dir)  # fmt: skip
+        train = loaded.pop("train") if "train" in loaded else None
+        if train is None:
+            raise FileNotFoundError(f"{name} at {root}: no train split")
+        others = datasets.DatasetDict({split: loaded[split] for split in other_splits if split in loaded})
+        return open_source_stream(train, stream_shards=stream_shards), len(train), "exact", others
+    streams, _ = open_source(name, streaming=True, cache_dir=cache_dir, stream_shards=stream_shards)
+    present = [split for split in other_splits if split and canonical_split(split) in streams]
+    others = (
+        load_entity_dataset(
+            name,
+            columns=columns,
+            explanations=explanations,
+            splits=present,
+            check_images=check_images,
+            cache_dir=cache_dir,
+        )  # fmt: skip
+        if present
+        else datasets.DatasetDict()
+    )
+    stream = open_source_stream(name, "train", columns, cache_dir=cache_dir, stream_shards=stream_shards)
+    rows, how = estimate_num_rows(name, "train")
+    return stream, rows, how, others
+
+
+__all__ = ["StreamingLoader", "estimate_num_rows", "load_for_streaming"]
