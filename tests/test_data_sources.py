@@ -199,3 +199,15 @@ def test_column_errors_name_the_column_and_the_columns_there(tmp_path):
         load_entity_dataset(str(folder), columns=ColumnMapping(text="headline"))
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         load_entity_dataset(str(tmp_path / "nowhere" / "x"))
+
+
+def test_entityclip_data_command_takes_a_source_and_column_flags(tmp_path, capsys):
+    from entityclip_hf.data import main
+
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    user_table().to_parquet(folder / "train.parquet")
+    assert main([str(folder), "--image-column", "img", "--text-column", "caption", "--id-column", "uid"]) == 0
+    assert 'train[0]: {"id": "pair-0"' in capsys.readouterr().out
+    assert main([str(folder), "--text-column", "headline"]) == 2
+    assert "entityclip-data: error: " in capsys.readouterr().err
