@@ -9,18 +9,20 @@ source, map-style or streamed) and its DataLoaders. The data logic itself is `en
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 from torch.utils.data import DataLoader
 from training_guards import UsageError
 
-from entityclip_hf.data import EntityCLIPCollator, lazy_images, load_entity_dataset, make_demo_dataset
+from entityclip_hf.data import KNOWN_DATASETS, EntityCLIPCollator, lazy_images, load_entity_dataset, make_demo_dataset
 from entityclip_hf.data.loading import is_file_layout
 from entityclip_hf.data.report import one_line
 from entityclip_hf.data.sources import ColumnMapping, looks_like_hub_id
 from entityclip_hf.data.streaming import StreamingLoader, load_for_streaming
 
+logger = logging.getLogger("entityclip_hf.finetune")
 # Rows of the stream's start whose texts train --model tiny's tokenizer under --streaming (the map-style path uses
 # every training text).
 TOKENIZER_ROWS = 20000
@@ -43,8 +45,8 @@ def check_dataset_flags(args) -> None:
     if source:
         if not os.path.exists(os.path.expanduser(args.dataset)) and not looks_like_hub_id(args.dataset):
             raise UsageError(
-                f"--dataset {args.dataset}: not a known layout, no such file or folder, and not a Hub dataset id "
-                "(user/name)"
+                f"--dataset {args.dataset}: not demo or a layout ({', '.join(KNOWN_DATASETS)}), no such file or "
+                "folder, and not a Hub dataset id (user/name)"
             )
         return
     if args.dataset != "demo":
@@ -122,6 +124,12 @@ def make_dataloaders(args, datasets, processor, accelerator):
     if args.streaming:
         if args.train_rows is None and not args.max_steps:
             raise UsageError(f"--streaming: the number of training rows of {args.dataset} is unknown; pass --max_steps")
+        if args.train_rows_counted == "estimated" and not args.max_steps:
+            logger.warning(
+                "--streaming: %s has about %d training rows (estimated, not counted): the learning-rate schedule, the "
+                "progress bar and the end of training use that estimate; pass --max_steps for an exact schedule",
+                args.dataset, args.train_rows,
+            )  # fmt: skip
         train = StreamingLoader(
             datasets["train"], args.batch_size, collator, num_workers=args.num_workers, seed=args.seed,
             shuffle_buffer=args.shuffle_buffer, accelerator=accelerator, num_rows=args.train_rows,

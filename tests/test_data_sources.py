@@ -197,7 +197,7 @@ def test_column_errors_name_the_column_and_the_columns_there(tmp_path):
         load_entity_dataset(str(folder))
     with pytest.raises(ValueError, match="no column 'headline' .--text_column."):
         load_entity_dataset(str(folder), columns=ColumnMapping(text="headline"))
-    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+    with pytest.raises(FileNotFoundError, match="not a dataset layout .* no such file or folder"):
         load_entity_dataset(str(tmp_path / "nowhere" / "x"))
 
 

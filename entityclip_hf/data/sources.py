@@ -26,7 +26,7 @@ from .explanations import EXPLANATIONS_SUBDIR, clean_explanation, resolve_explan
 from .formats import FORMATS, SPLITS, canonical_split, get_format, normalise_key
 from .images import image_error
 from .joins import images_per_file_name, join_explanations, report_shared_images, report_unused_explanations
-from .report import DataError, DataReport, SplitReport
+from .report import DataError, DataReport, SplitReport, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -174,8 +174,9 @@ def open_source(
             found = dict(datasets.load_dataset(text, streaming=streaming or partial, cache_dir=cache_dir))
         except (ConnectionError, FileNotFoundError) as error:
             raise FileNotFoundError(
-                f"{text}: no such local folder, and the Hub dataset could not be loaded ({error}). Offline "
-                "(HF_HUB_OFFLINE=1), a Hub dataset loads from the datasets cache once it has been loaded there"
+                f"{text}: not a dataset layout ({', '.join(sorted(FORMATS))}), no such file or folder, and the Hub "
+                f"dataset could not be loaded ({one_line(error)}). Offline (HF_HUB_OFFLINE=1), a Hub dataset loads "
+                "from the datasets cache once it has been loaded there"
             ) from error
         found = {name: found[name] for name in keep(found)}
         if partial:
@@ -187,7 +188,10 @@ def open_source(
             }
         root = None
     else:
-        raise FileNotFoundError(f"{text}: no such file or folder (and not a Hub dataset id, user/name)")
+        raise FileNotFoundError(
+            f"{text}: not a dataset layout ({', '.join(sorted(FORMATS))}), no such file or folder, and not a Hub "
+            "dataset id (user/name)"
+        )
     return {_split_name(name): split for name, split in found.items()}, root
 
 
