@@ -470,7 +470,7 @@ def open_source_stream(
         if split not in streams:
             raise FileNotFoundError(f"{source}: no split {split} (its splits: {', '.join(streams)})")
         stream, where = streams[split], f"{source} [{split}]"
-    if stream.features is None:  # some streamed sources only know their columns once read
+    if stream.features is None and hasattr(stream, "_resolve_features"):  # columns known only once read
         stream = stream._resolve_features()
     stream = _prepare_columns(stream, columns or ColumnMapping(), where)
     stream = stream.filter(_StreamRowCheck(where, root))
