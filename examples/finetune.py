@@ -31,7 +31,6 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from datasets.utils import logging as datasets_logging
 from model_flags import MODEL_FIELDS, add_model_field_flags, str2bool
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from training_checkpoints import (  # noqa: F401 (checkpoint_steps, room_needed: used by the tests)
     STATE_FILE,
@@ -42,6 +41,7 @@ from training_checkpoints import (  # noqa: F401 (checkpoint_steps, room_needed:
     save_checkpoint,
     save_model_folder,
 )
+from training_data import check_dataset_flags, epoch_batches, load_datasets, make_dataloaders, tokenizer_corpus
 from training_fsdp import Sharding, check_sharding_setup
 from training_guards import (
     BadStepCounter,
@@ -56,8 +56,6 @@ from transformers import AutoConfig, CLIPImageProcessorPil, CLIPTokenizer, get_s
 
 from entityclip_hf import EntityCLIPConfig, EntityCLIPModel
 from entityclip_hf.allocator import keep_freed_memory
-from entityclip_hf.data import KNOWN_DATASETS, EntityCLIPCollator, lazy_images, load_entity_dataset, make_demo_dataset
-from entityclip_hf.data.formats import get_format
 from entityclip_hf.data.loading import IMAGE_CHECKS
 from entityclip_hf.data.report import one_line
 from entityclip_hf.evaluation import format_metrics_table
@@ -88,8 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny_patch_size", type=int, default=8, help="--model tiny: ViT patch side in pixels")
     p.add_argument("--tiny_vocab_size", type=int, default=1000, help="--model tiny: BPE trained on the train texts")
     # data
-    p.add_argument("--dataset", default="demo", help="'demo' (built-in, generated), or a load_entity_dataset name")
+    p.add_argument(
+        "--dataset", default="demo",
+        help="'demo' (built-in, generated), a layout (n24news, visualnews, goodnews, jsonl) with --dataset_root, or\n"
+        "a datasets source: a Hub id, a parquet/arrow/csv/json or webdataset-shard folder, a save_to_disk folder",
+    )  # fmt: skip
     p.add_argument("--dataset_root", help="dataset folder (for 'demo': where it is generated; default output_dir/data)")
+    for column, usual in (("image", "image, img, jpg, png"), ("text", "text, caption, txt"),
+                          ("explanation", "explanation"), ("id", "id, image_id, __key__")):  # fmt: skip
+        p.add_argument(f"--{column}_column", help=f"datasets source: the column holding the {column} (default: {usual})")
+    p.add_argument(
+        "--streaming", default=False, **flag,
+        help="train from a stream of the train split (never loaded whole), split across processes and workers;\n"
+        "exact mid-epoch resume (same processes, workers, batch size)",
+    )  # fmt: skip
+    p.add_argument("--shuffle_buffer", type=int, default=1000, help="--streaming: rows in the shuffle buffer (0: none)")
     p.add_argument("--demo_entities", type=int, default=24, help="--dataset demo: number of made-up entities")
     p.add_argument("--demo_captions", type=int, default=8, help="--dataset demo: captions (pairs) per entity")
     p.add_argument("--explanations", help="explanation files or cache folders, comma-separated (default: auto)")
@@ -182,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Flags that must be at least 1, and at least 0.
 POSITIVE_FLAGS = ("batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps", "keep_checkpoints",
                   "log_every", "tiny_hidden_size", "tiny_num_layers", "tiny_image_size", "tiny_patch_size")  # fmt: skip
-NON_NEGATIVE_FLAGS = ("max_steps", "eval_every", "save_every", "warmup_steps", "num_workers", "max_bad_steps")
+NON_NEGATIVE_FLAGS = ("max_steps", "eval_every", "save_every", "warmup_steps", "num_workers", "max_bad_steps",
+                      "shuffle_buffer")  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -215,21 +227,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name} must be >= {1 if name in POSITIVE_FLAGS else 0}, got {getattr(args, name)}")
     if args.head_learning_rate is not None and not args.head_learning_rate > 0:
         parser.error(f"--head_learning_rate must be > 0, got {args.head_learning_rate}")
-    if args.dataset != "demo":
-        try:
-            get_format(args.dataset)
-        except ValueError:
-            parser.error(f"--dataset {args.dataset!r}: expected one of {', '.join(KNOWN_DATASETS)}")
     return args
 
 
 def check_paths(args) -> None:
     """The folders and files the flags name exist (a `UsageError` otherwise), before any work is done."""
-    if args.dataset != "demo":
-        if args.dataset_root is None:
-            raise UsageError(f"--dataset {args.dataset} needs --dataset_root (the folder holding its files)")
-        if not os.path.isdir(args.dataset_root):
-            raise UsageError(f"--dataset_root {args.dataset_root}: no such folder")
+    check_dataset_flags(args)
     for path in args.explanations.split(",") if args.explanations else ():
         if not os.path.exists(path):
             raise UsageError(f"--explanations: no file or folder {path}")
@@ -266,61 +269,6 @@ def build_model_and_processor(args, train_texts):
         model = EntityCLIPModel.from_pretrained(args.model, dtype=torch.float32, **heads)
         return model, EntityCLIPProcessor.from_pretrained(args.model)
     raise UsageError(f"--model {args.model}: a {model_type!r} checkpoint; expected 'tiny', CLIP or EntityCLIP")
-
-
-def load_datasets(args, accelerator):
-    """The DatasetDict to train on (images left undecoded until the collator: a damaged file is its business)."""
-    name, root = args.dataset, args.dataset_root
-    if name == "demo":
-        root = root or os.path.join(args.output_dir, "data")
-        with accelerator.main_process_first():  # the main process builds it, the others then find it complete
-            make_demo_dataset(root, num_entities=args.demo_entities, captions_per_entity=args.demo_captions)
-        name = "jsonl"  # the demo is written in the plain JSON-lines format
-    explanations = args.explanations.split(",") if args.explanations else "auto"
-    with accelerator.main_process_first():  # datasets' cache is written once
-        try:
-            datasets = lazy_images(
-                load_entity_dataset(name, root, explanations=explanations, check_images=args.check_images)
-            )
-        except (OSError, ValueError) as error:  # the folder's layout, a file that cannot be read
-            raise UsageError(f"--dataset {args.dataset} --dataset_root {root}: {one_line(error)}") from error
-    if not args.use_explanations:  # the ablation "without explanations": every row has none
-        datasets = datasets.map(lambda row: {"explanation": None}, desc="dropping explanations")
-    if args.max_train_samples:
-        datasets["train"] = datasets["train"].select(range(min(args.max_train_samples, len(datasets["train"]))))
-    for split in (args.eval_split, args.test_split):
-        if split in datasets and args.max_eval_samples:
-            datasets[split] = datasets[split].select(range(min(args.max_eval_samples, len(datasets[split]))))
-    return datasets
-
-
-def make_dataloaders(args, datasets, processor):
-    """Training loader, then evaluation loaders for --eval_split and --test_split (None where the split is absent)."""
-    collator = EntityCLIPCollator(processor, return_ids=True)  # ids name the samples of a skipped batch
-    # Seeded generators: the shuffle order (Accelerate's seedable sampler reseeds it per epoch) and the DataLoader's
-    # own draw of worker seeds never touch the global torch RNG, whose state `save_state` restores on resume.
-    train = DataLoader(
-        datasets["train"],
-        batch_size=args.batch_size,
-        shuffle=True,
-        drop_last=True,  # every process needs the same number of rows for the all-gathered contrastive loss
-        collate_fn=collator,
-        num_workers=args.num_workers,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    evaluation = [
-        DataLoader(
-            datasets[split],
-            batch_size=args.eval_batch_size,
-            collate_fn=collator,
-            num_workers=args.num_workers,
-            generator=torch.Generator().manual_seed(args.seed),
-        )
-        if split and split in datasets
-        else None
-        for split in (args.eval_split, args.test_split)
-    ]
-    return train, *evaluation
 
 
 def make_optimizer(args, model, device):
@@ -540,9 +488,8 @@ def train(args) -> dict:
     if args.resume and resume_dir is None:
         log(f"--resume: no checkpoint in {args.output_dir}/checkpoints, starting from scratch")
     # --model tiny trains its tokenizer here: on the explanations too, or their words would split into characters.
-    tokenizer_corpus = list(datasets["train"]["text"]) + [e for e in datasets["train"]["explanation"] if e]
     try:
-        model, processor = build_model_and_processor(args, tokenizer_corpus)
+        model, processor = build_model_and_processor(args, tokenizer_corpus(args, datasets))
     except UsageError:
         raise
     except (OSError, ValueError) as error:  # no or a bad config.json, an id the Hub (or the offline cache) lacks
@@ -555,8 +502,9 @@ def train(args) -> dict:
         model.clip.vision_model.compile()
         model.clip.text_model.compile()
     model.to(accelerator.device)
-    train_loader, eval_loader, test_loader = make_dataloaders(args, datasets, processor)
+    train_loader, eval_loader, test_loader = make_dataloaders(args, datasets, processor, accelerator)
     sharding = Sharding(args, accelerator)  # DDP, or FSDP2 (--fsdp, or accelerate's FSDP plugin)
+    # A StreamingLoader is not a DataLoader: prepare hands it back as it is (it splits the stream itself).
     model, optimizer, train_loader = sharding.prepare(
         model, lambda model: make_optimizer(args, model, accelerator.device), train_loader
     )
@@ -568,6 +516,8 @@ def train(args) -> dict:
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)  # len: batches per process
     total_steps = args.max_steps or args.num_epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps / steps_per_epoch)
+    if args.streaming and args.max_steps:  # a streamed epoch's length is only known at its end: run to max_steps
+        num_epochs = sys.maxsize
     scheduler = get_scheduler(
         args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total_steps
     )
@@ -624,14 +574,14 @@ def train(args) -> dict:
         if state["step"] >= total_steps:  # resumed from the last checkpoint of a finished run
             break
         skip = skip if epoch == start_epoch else 0
-        if skip >= len(train_loader):  # the checkpoint was taken at the end of this epoch
+        # The checkpoint was taken at the end of this epoch (a stream knows that from its position, not its length).
+        if skip >= len(train_loader) and not args.streaming:
             continue
         state["epoch"], state["batches_in_epoch"] = epoch, skip
-        # Resume mid-epoch: the same shuffled order (it depends only on seed and epoch), minus the consumed batches.
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        loader.set_epoch(epoch)
-        for batch in loader:
+        for batch in epoch_batches(args, accelerator, train_loader, epoch, skip, state):  # resumes mid-epoch
             state["batches_in_epoch"] += 1
+            if args.streaming:  # the checkpoint's state file keeps where the stream is
+                state["stream_position"] = train_loader.position()
             inputs, rows = common_rows(batch, accelerator)
             if rows == 0:
                 log(f"step {state['step']}: a batch with no usable sample on some process: skipped")

@@ -55,7 +55,15 @@ def fresh_accelerate_state():
         (["--dataset", "n24news"], "--dataset n24news needs --dataset_root"),
         (["--dataset", "n24news", "--dataset_root", "{tmp}/nowhere"], "--dataset_root {tmp}/nowhere: no such folder"),
         (["--dataset", "n24news", "--dataset_root", "{tmp}/empty"], "n24news: no image folder imgs/ or images/ in"),
-        (["--dataset", "nytimes"], "--dataset 'nytimes': expected one of demo, goodnews, jsonl, n24news, visualnews"),
+        # Not a layout: a datasets source, here a Hub id that the offline cache lacks.
+        (
+            ["--dataset", "nytimes"],
+            "nytimes: not a dataset layout (demo, goodnews, jsonl, n24news, visualnews), no such",
+        ),
+        (
+            ["--dataset", "{tmp}/no/such"],
+            "not demo or a layout (demo, goodnews, jsonl, n24news, visualnews), no such file",
+        ),
         (["--config", "{tmp}/missing.json"], "--config {tmp}/missing.json: [Errno 2] No such file"),
         (["--config", "{tmp}/broken.json"], "--config {tmp}/broken.json: Expecting property name"),
         (["--config", "{tmp}/list.json"], "expected a JSON object of flag values, got list"),
@@ -98,7 +106,7 @@ def test_finetune_user_error_in_a_fresh_process_has_no_traceback():
         (["n24news", "--root", "{tmp}/nowhere"], "n24news: no folder {tmp}/nowhere. Expected layout:"),
         (["jsonl", "--root", "{tmp}/empty"], "jsonl: no split file for train, validation, test"),
         (["jsonl", "--root", "{tmp}/empty", "--splits", "final"], "unknown split 'final'"),
-        (["nytimes", "--root", "{tmp}"], "unknown dataset 'nytimes'"),
+        (["nytimes", "--root", "{tmp}"], "nytimes: not a dataset layout (demo, goodnews, jsonl, n24news, visualnews)"),
     ],
 )
 def test_entityclip_data_user_errors(files, capsys, arguments, message):

@@ -15,6 +15,7 @@ from .collator import lazy_images
 from .formats import FORMATS
 from .loading import IMAGE_CHECKS, load_entity_dataset
 from .report import DataError, one_line
+from .sources import ColumnMapping
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load an entity-centric image-text dataset folder, check it, and print the bad-data report.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("name", help=f"dataset format: {', '.join(sorted(FORMATS))} (any case)")
+    parser.add_argument(
+        "name",
+        help=f"dataset format: {', '.join(sorted(FORMATS))} (any case), or a datasets source: a Hub id, a folder "
+        "of parquet/arrow/csv/json files or webdataset shards, a save_to_disk folder, a data file",
+    )
+    for column in ("image", "text", "explanation", "id"):
+        parser.add_argument(f"--{column}-column", help=f"datasets source: the column holding the {column}")
     parser.add_argument("--root", help="dataset folder (for demo: where to build it; default: the datasets cache)")
     parser.add_argument(
         "--explanations",
@@ -54,11 +61,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         explanations = "auto"
     elif explanations == ["none"]:
         explanations = None
+    given = {name: getattr(args, f"{name}_column") for name in ("image", "text", "explanation", "id")}
+    columns = ColumnMapping(**given) if any(value is not None for value in given.values()) else None
     try:
         dataset, report = load_entity_dataset(
             args.name,
             args.root,
             explanations,
+            columns=columns,
             splits=args.splits,
             strict=args.strict,
             check_images=args.check_images,

@@ -23,11 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import datasets
-from PIL import Image
 
 from .explanations import clean_explanation, resolve_explanations
 from .formats import SPLITS, BadRecord, EntityFormat, canonical_split, get_format, hashed_split, normalise_key
-from .report import DataError, DataReport, Issue, SplitReport
+from .images import image_error
+from .joins import images_per_file_name, join_explanations, report_shared_images, report_unused_explanations
+from .report import DataError, DataReport, SplitReport
+from .sources import ColumnMapping, load_source_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,15 @@ _CACHE_VERSION = "1"
 # Below this many images a split is checked in-process: starting worker processes costs more than it saves.
 _PARALLEL_CHECK_MIN_ROWS = 5000
 _STAT_CHUNK = 512
+
+
+def is_file_layout(name) -> bool:
+    """True for the names of the file layouts (`n24news`, `jsonl`, ...), False for a `datasets` source."""
+    try:
+        get_format(str(name))
+    except ValueError:
+        return False
+    return True
 
 
 def clean_text(text: str | None) -> str:
@@ -70,83 +81,6 @@ def _stat_images(paths: list[str], split: str) -> list[tuple[int, int] | str]:
             progress.update(len(chunk_results))
         progress.close()
     return results
-
-
-# How far from its end a JPEG's end-of-image marker may sit (some writers append a few bytes after it).
-_JPEG_TAIL_BYTES = 4096
-# Markers that stand alone, without a length field: TEM and the restart markers RST0-RST7.
-_JPEG_STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xD8)])
-
-
-def _jpeg_main_scan_offset(handle) -> int | None:
-    """Where the main image's first start-of-scan (SOS) marker ends, or None when the marker segments do not lead
-    to one (a file cut short before its scan, or a damaged header).
-
-    The segments before the scan are skipped by their length fields: an EXIF (APP1) or Photoshop (APP13) thumbnail
-    is a whole JPEG inside such a segment, and its own markers, end-of-image included, must not be taken for the
-    main image's.
-    """
-    handle.seek(0)
-    if handle.read(2) != b"\xff\xd8":
-        return None
-    while True:
-        if handle.read(1) != b"\xff":
-            return None  # every segment starts with 0xFF: the header is damaged
-        marker = handle.read(1)
-        while marker == b"\xff":  # fill bytes before a marker are allowed
-            marker = handle.read(1)
-        if not marker:
-            return None
-        code = marker[0]
-        if code == 0xDA:
-            return handle.tell()
-        if code in _JPEG_STANDALONE_MARKERS:
-            continue
-        if code == 0xD9:
-            return None  # an end of image before any scan: no main image
-        length = handle.read(2)
-        if len(length) < 2 or int.from_bytes(length, "big") < 2:
-            return None
-        handle.seek(int.from_bytes(length, "big") - 2, os.SEEK_CUR)
-
-
-def _jpeg_has_end_marker(path: str) -> bool:
-    """True when an end-of-image marker follows the main image's start of scan, near the end of the file.
-
-    In the entropy-coded data after the scan a 0xFF byte is always followed by 0x00 or a restart marker, so a
-    0xFF 0xD9 found there is an end of image: the main image's, not an embedded thumbnail's.
-    """
-    with open(path, "rb") as handle:
-        scan_offset = _jpeg_main_scan_offset(handle)
-        if scan_offset is None:
-            return False
-        size = handle.seek(0, os.SEEK_END)
-        handle.seek(max(scan_offset, size - _JPEG_TAIL_BYTES))
-        return b"\xff\xd9" in handle.read()
-
-
-def image_error(path: str, mode: str) -> str | None:
-    """Why the image file at `path` cannot be used, or None. `mode`: "header" (open + verify) or "decode".
-
-    "header" also catches the most common damage, a JPEG cut short (an interrupted download or copy): PIL's verify
-    reads only a JPEG's headers, so a JPEG without an end-of-image marker near its end, after the main image's start
-    of scan, is decoded to decide.
-    """
-    try:
-        with Image.open(path) as image:
-            if mode == "decode":
-                image.load()
-                return None
-            image_format = image.format
-            image.verify()
-        if image_format == "JPEG" and not _jpeg_has_end_marker(path):
-            with Image.open(path) as image:
-                image.load()
-    # PIL raises many exception types on damaged files (OSError, SyntaxError, struct.error, IndexError, ...): one
-    # bad file must be reported, never stop the check of the others.
-    except Exception as error:  # noqa: BLE001
-        return f"{type(error).__name__}: {error}"
-    return None
 
 
 def _check_images(paths: list[str], mode: str) -> dict[str, list[str | None]]:
@@ -233,66 +167,6 @@ def _read_split(
     return rows, stats
 
 
-def _images_per_file_name(read: dict[str, tuple[dict[str, list], list]]) -> dict[str, int]:
-    """File name -> how many distinct images (image keys) of the loaded splits have it, for names shared by several:
-    a bare-name explanation key (`1.jpg`) names none of `agency_a/1.jpg` and `agency_b/1.jpg`."""
-    first_key: dict[str, str] = {}
-    shared: dict[str, set[str]] = {}
-    for rows, _ in read.values():
-        for key in rows["image_key"]:
-            name = key.rsplit("/", 1)[-1]
-            known = first_key.setdefault(name, key)
-            if known != key:
-                shared.setdefault(name, {known}).add(key)
-    return {name: len(keys) for name, keys in shared.items()}
-
-
-def _join_explanations(rows: dict[str, list], sources, images_per_name: dict[str, int], issues, limit) -> None:
-    """Step 2: each row without its own explanation takes the first source's; ambiguous keys are reported."""
-    if not sources:
-        return
-    explanations = rows["explanation"]
-    for index, explanation in enumerate(explanations):
-        if explanation is not None:
-            continue
-        key = rows["image_key"][index]
-        name_shared_by = images_per_name.get(key.rsplit("/", 1)[-1], 1)
-        problems = []
-        for source in sources:
-            explanation, problem = source.lookup(key, rows["raw_text"][index], rows["text"][index], name_shared_by)
-            if explanation is not None:
-                break
-            if problem is not None:
-                problems.append(problem)
-        explanations[index] = explanation
-        if explanation is None and problems:
-            issues["ambiguous_explanation"].add(rows["id"][index], "; ".join(problems), limit)
-
-
-def _report_unused(report: DataReport, sources, limit: int) -> None:
-    for source in sources:
-        unused = source.unused()
-        if unused:
-            issue = report.unused_explanations.setdefault(str(source), Issue())
-            for key in unused:
-                issue.add(key if len(key) <= 80 else key[:77] + "...", "", limit)
-
-
-def _report_shared_images(report: DataReport, read: dict[str, tuple[dict[str, list], list]], limit: int) -> None:
-    """Rows of a later split (validation, test) whose image file an earlier split also uses: a leak."""
-    splits = [split for split in SPLITS if split in read]
-    for position, first in enumerate(splits):
-        first_images = set(read[first][0]["image"])
-        for second in splits[position + 1 :]:
-            rows = read[second][0]
-            issue = Issue()
-            for sample_id, image in zip(rows["id"], rows["image"], strict=True):
-                if image in first_images:
-                    issue.add(sample_id, image, limit)
-            if issue.count:
-                report.shared_images[f"{first}/{second}"] = issue
-
-
 def _build_split(
     fmt: EntityFormat,
     split: str,
@@ -364,6 +238,7 @@ def load_entity_dataset(
     root: str | os.PathLike | None = None,
     explanations: str | os.PathLike | Sequence[str | os.PathLike] | None = "auto",
     *,
+    columns: ColumnMapping | None = None,
     splits: Sequence[str] | None = None,
     strict: bool = False,
     check_images: str = "header",
@@ -381,7 +256,11 @@ def load_entity_dataset(
     `headline`; VisualNews: `topic`, `source`; GoodNews: `title`; JSON lines: every other field).
 
     Args:
-        name: "n24news", "visualnews", "goodnews", "jsonl" or "demo" (any case: "N24News" works).
+        name: "n24news", "visualnews", "goodnews", "jsonl" or "demo" (any case: "N24News" works), or any other
+            `datasets` source: a Hub dataset id, a folder of parquet / arrow / csv / json files or webdataset tar
+            shards, a `save_to_disk` folder, or one such file (`root` unused; see `sources.load_source_dataset`).
+        columns: for a `datasets` source, which of its columns hold the image, text, explanation and id
+            (`ColumnMapping`; default: the usual names, e.g. `image`/`jpg`, `text`/`caption`/`txt`, `id`/`__key__`).
         root: the dataset folder (its layout is in `docs/datasets.md` and in the error when it is wrong). For
             "demo", a folder where the demo is built on first use (default: in the `datasets` cache).
         explanations: None, "auto" (the released files and `root/explanations/*.jsonl` caches found in the
@@ -401,6 +280,14 @@ def load_entity_dataset(
     """
     if check_images not in IMAGE_CHECKS:
         raise ValueError(f"check_images must be one of {', '.join(IMAGE_CHECKS)}, got {check_images!r}")
+    if not is_file_layout(name):
+        return load_source_dataset(
+            name, columns, explanations, splits=splits, strict=strict, check_images=check_images, num_proc=num_proc,
+            explanation_model=explanation_model, explanation_prompt_version=explanation_prompt_version,
+            max_examples=max_examples, cache_dir=cache_dir, return_report=return_report,
+        )  # fmt: skip
+    if columns is not None:
+        raise ValueError(f"columns: only for datasets sources; the {name} layout has fixed fields")
     fmt = get_format(name)
     root = fmt.prepare_root(root)
     wanted = list(dict.fromkeys(canonical_split(split) for split in splits)) if splits is not None else list(SPLITS)
@@ -445,16 +332,16 @@ def load_entity_dataset(
         read[split] = _read_split(
             fmt, root, split, path, broken, report.splits[split], max_examples, hashed=full_file is not None
         )
-    images_per_name = _images_per_file_name(read)
+    images_per_name = images_per_file_name(read)
     for split, (rows, _) in read.items():
         # A split's own released files are opened for its rows only (they can be large), then let go.
         split_sources = sources.split_sources(split)
-        _join_explanations(
+        join_explanations(
             rows, split_sources + sources.shared_sources(), images_per_name, report.splits[split].issues, max_examples
         )
-        _report_unused(report, split_sources, max_examples)
-    _report_unused(report, sources.shared_sources(), max_examples)
-    _report_shared_images(report, read, max_examples)
+        report_unused_explanations(report, split_sources, max_examples)
+    report_unused_explanations(report, sources.shared_sources(), max_examples)
+    report_shared_images(report, read, max_examples)
     # The same metadata columns in every split, in order of first appearance (JSON lines may differ per split).
     metadata_columns = list(fmt.metadata_columns)
     for rows, _ in read.values():
@@ -486,4 +373,4 @@ def load_entity_dataset(
     return (result, report) if return_report else result
 
 
-__all__ = ["IMAGE_CHECKS", "clean_text", "image_error", "load_entity_dataset"]
+__all__ = ["IMAGE_CHECKS", "clean_text", "image_error", "is_file_layout", "load_entity_dataset"]
