@@ -337,7 +337,7 @@ def _parser():
         "--rerank", type=int, default=0,
         help="rerank the first N hits with GI-ITM (EntityCLIP). By GI-ITM alone it LOWERS R@1 against the CLIP order "
         "for every configuration measured (bench/README.md, efficacy); with --rerank-clip-weight and a GI-ITM trained "
-        "for it (ablate.py's itm_reranker) it raises it: check on your validation data first "
+        "for it (ablate.py's itm_reranker_fused_negatives) it raises it a little: check on your validation data first "
         "(entityclip-eval --rerank_top_k N --rerank_clip_weight W ...)",
     )  # fmt: skip
     search.add_argument(
