@@ -274,13 +274,17 @@ def build_model_and_processor(args, train_texts):
 def make_optimizer(args, model, device):
     """AdamW; no weight decay on biases, norms, gains and `logit_scale` (as open_clip)."""
     head_lr = args.head_learning_rate if args.head_learning_rate is not None else args.learning_rate
-    groups = {}  # (learning rate, weight decay) -> parameters
+    groups = {}  # (learning rate, decayed?) -> parameters
     for name, param in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
-        no_decay = param.ndim < 2 or "bias" in leaf or leaf.startswith("ln_") or "logit_scale" in name
-        lr = args.learning_rate if name.startswith("clip.") else head_lr
-        groups.setdefault((lr, 0.0 if no_decay else args.weight_decay), []).append(param)
-    groups = [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
+        decayed = not (param.ndim < 2 or "bias" in leaf or leaf.startswith("ln_") or "logit_scale" in name)
+        groups.setdefault((args.learning_rate if name.startswith("clip.") else head_lr, decayed), []).append(param)
+    # CLIP's groups first, decayed then not: with one learning rate, the two groups of the paper's recipe (and of
+    # checkpoints written before --head_learning_rate existed), in the same order.
+    order = sorted(groups, key=lambda key: (key[0] != args.learning_rate, not key[1]))
+    groups = [
+        {"params": groups[key], "lr": key[0], "weight_decay": args.weight_decay if key[1] else 0.0} for key in order
+    ]
     return torch.optim.AdamW(
         groups,
         lr=args.learning_rate,
