@@ -139,7 +139,7 @@ def test_cli_loads_and_prints_the_report(tmp_path, capsys):
 
 def test_cli_errors_exit_with_a_message(tmp_path, capsys):
     assert main(["coco", "--root", str(tmp_path)]) == 2
-    assert "known datasets" in capsys.readouterr().err
+    assert "not a dataset layout (demo, goodnews, jsonl, n24news, visualnews)" in capsys.readouterr().err
     assert main(["n24news", "--root", str(tmp_path / "absent")]) == 2
     assert "nytimes_train.json" in capsys.readouterr().err
     root = tmp_path / "bad"

@@ -310,7 +310,9 @@ def test_runs_stopped_mid_way_lose_nothing_and_reruns_finish_without_duplicates(
     for number, stop_signal in enumerate(STOP_SIGNALS):
         folder = tmp_path / stop_signal.name
         folder.mkdir()
-        texts = [f"item-{number}{i:02d} caption {i} of run {stop_signal.name}" for i in range(60)]
+        # 200 texts at 0.05 s each, 2 at a time: ~5 s of work, so that a test process descheduled for a second on a
+        # loaded machine still stops each run mid-way (with 60 texts one run once finished before its signal came).
+        texts = [f"item-{number}{i:03d} caption {i} of run {stop_signal.name}" for i in range(200)]
         data = folder / "texts.jsonl"
         data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         cache = folder / "cache.jsonl"

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 sys.path.insert(0, str(EXAMPLES))
 import finetune  # noqa: E402
+import training_data  # noqa: E402  (builds the collator finetune.py trains with)
 
 from entityclip_hf.data import EntityCLIPCollator  # noqa: E402
 
@@ -60,7 +61,7 @@ def poisoned(monkeypatch):
     def poison(batches: dict[int, float]):
         monkeypatch.setattr(PoisoningCollator, "poison", batches)
         monkeypatch.setattr(PoisoningCollator, "poisoned_ids", [])
-        monkeypatch.setattr(finetune, "EntityCLIPCollator", PoisoningCollator)
+        monkeypatch.setattr(training_data, "EntityCLIPCollator", PoisoningCollator)
         return PoisoningCollator.poisoned_ids
 
     yield poison
@@ -153,10 +154,11 @@ sys.path.insert(0, {examples!r})
 sys.path.insert(0, {tests!r})
 import finetune
 import test_training_bad_steps as helpers
+import training_data
 
 if os.environ.get("RANK") == "1":  # only process 1 sees a bad batch: process 0 must skip with it, not hang
     helpers.PoisoningCollator.poison = {{2: float("nan")}}
-finetune.EntityCLIPCollator = helpers.PoisoningCollator
+training_data.EntityCLIPCollator = helpers.PoisoningCollator  # where finetune.py's loaders build their collator
 finetune.main(sys.argv[1:])
 """
 
