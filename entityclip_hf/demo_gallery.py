@@ -20,6 +20,7 @@ from PIL import Image
 
 from .retrieval import EmbeddingIndex, encode_images, encode_texts, load_embeddings, rerank_texts_with_itm
 from .retrieval import rerank_with_itm as _rerank_with_itm
+from .retrieval.encode import DatasetRows
 
 __all__ = ["DemoSearch", "Hit", "QueryResult", "load_gallery", "open_query_image"]
 
@@ -259,17 +260,8 @@ def _with_probability(hit: Hit, probability: float) -> Hit:
 
 
 # =============================================================================================== loading
-class _Rows:
-    """Lazy view of a dataset column at some rows: an image is decoded only when the page shows it."""
-
-    def __init__(self, dataset, rows: list[int], column: str):
-        self.dataset, self.rows, self.column = dataset.select_columns([column]), rows, column
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int):
-        return self.dataset[self.rows[index]][self.column]
+class _Rows(DatasetRows):
+    """Lazy view of a dataset column at some rows (decoded when the page shows it), and the undecoded source."""
 
     def source(self, index: int) -> dict:
         """The stored image of `index` undecoded: `{"path": ..., "bytes": ...}` (to copy it byte for byte)."""

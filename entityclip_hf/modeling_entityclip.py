@@ -506,16 +506,20 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
             self._run_experts(self.shared_experts, text, shared_keys) if shared_keys is not None else None
         )
 
+        # The explanation-aware text embeddings, once, for the variants that read them (the explanation loss, and
+        # the mining of GI-ITM's negatives).
+        fused_texts = None
+        if compute_losses and (config.explanation_contrastive_weight > 0 or config.itm_negatives_from_fused_texts):
+            fused_texts = fused_text_embeddings(
+                text.pooled, explanation.pooled, has_explanation, config.explanation_fusion_weight
+            )
         arange = torch.arange(batch_size, device=input_ids.device)
         if compute_losses and config.gamma > 0 and batch_size >= 2:
             similarity = logits_per_image.detach()
             if config.itm_negatives_from_fused_texts:
                 # Variant: mine GI-ITM's negatives where explanation-aware retrieval confuses them, i.e. from the
                 # image vs fused-text similarity whose top k the head will rerank.
-                fused_texts = fused_text_embeddings(
-                    text.pooled.detach(), explanation.pooled.detach(), has_explanation, config.explanation_fusion_weight
-                )
-                similarity = logit_scale.exp().detach().float() * image_embeds.detach() @ fused_texts.t()
+                similarity = logit_scale.exp().detach().float() * image_embeds.detach() @ fused_texts.detach().t()
             if self.training:
                 negative_text_rows = sample_negatives(similarity, hard=config.use_hard_negatives)
                 negative_image_rows = sample_negatives(similarity.t(), hard=config.use_hard_negatives)
@@ -580,10 +584,7 @@ class EntityCLIPModel(EntityCLIPPreTrainedModel):
             matching_loss = itm_loss(itm_logits, itm_labels)
             loss = clip_loss + config.beta * expert_loss + config.gamma * matching_loss
             if config.explanation_contrastive_weight > 0:
-                fused = fused_text_embeddings(
-                    text.pooled, explanation.pooled, has_explanation, config.explanation_fusion_weight
-                )
-                explanation_loss, _ = contrastive_loss(image_embeds, fused, logit_scale)
+                explanation_loss, _ = contrastive_loss(image_embeds, fused_texts, logit_scale)
                 loss = loss + config.explanation_contrastive_weight * explanation_loss
 
         return EntityCLIPOutput(

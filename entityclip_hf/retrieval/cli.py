@@ -14,7 +14,7 @@ import torch
 from .. import distributed
 from ..ann_index import INDEX_TYPES, ApproximateIndex
 from .embeddings import load_embeddings, save_embeddings
-from .encode import _is_hf_dataset, encode_images, encode_texts
+from .encode import DatasetRows, _is_hf_dataset, encode_images, encode_texts
 from .index import EmbeddingIndex
 from .rerank import rerank_texts_with_itm, rerank_with_itm
 
@@ -81,7 +81,7 @@ def _encode_gallery(model, processor, args, modality: str) -> _Gallery:
     is_dataset = _is_hf_dataset(data)
     images = None
     if modality == "image":
-        images = _RowView(data, rows, "image") if is_dataset else [data[i] for i in rows]
+        images = DatasetRows(data, rows, "image") if is_dataset else [data[i] for i in rows]
     return _Gallery(
         embeddings[keep],
         [ids[i] for i in rows],
@@ -90,19 +90,6 @@ def _encode_gallery(model, processor, args, modality: str) -> _Gallery:
         texts=[texts[i] for i in rows] if texts is not None else None,
         explanations=[data["explanation"][i] for i in rows] if fuse else None,
     )
-
-
-class _RowView:
-    """Lazy `column` of selected dataset rows: an image is decoded only when reranking asks for it."""
-
-    def __init__(self, dataset, rows: list[int], column: str):
-        self.dataset, self.rows, self.column = dataset.select_columns([column]), rows, column
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int):
-        return self.dataset[self.rows[index]][self.column]
 
 
 def _load_gallery_file(path: str) -> _Gallery:

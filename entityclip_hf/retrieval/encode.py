@@ -136,6 +136,19 @@ def fuse_explanation_embeddings(text_embeds, explanation_embeds, weight: float) 
     return torch.where(has_explanation, fused, text)
 
 
+class DatasetRows:
+    """Lazy `column` of selected dataset rows: an image is decoded only when it is read (reranking, the demo page)."""
+
+    def __init__(self, dataset, rows: list[int], column: str):
+        self.dataset, self.rows, self.column = dataset.select_columns([column]), rows, column
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.rows[index]][self.column]
+
+
 class _IndexedItems(torch.utils.data.Dataset):
     """Items of a gallery with their index; reading an item never raises (the error is returned instead)."""
 
