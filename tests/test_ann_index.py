@@ -160,6 +160,44 @@ def test_a_tiny_gallery_gets_a_small_enough_nlist():
         ApproximateIndex.build(tiny, AnnOptions(index_type="ivf-pq"))  # 256 PQ centroids need ~10k points
 
 
+
+def unstructured(count, dim, seed):
+    points = np.random.default_rng(seed).standard_normal((count, dim)).astype(np.float32)
+    return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
+def test_hnsw_tuning_goes_as_far_as_an_unstructured_gallery_needs():
+    # A sparse graph over points with no structure: recall 0.95 needs a candidate list of ~half the gallery (a
+    # fixed cap on efSearch stopped 1M random 512-d points at recall 0.75; bench_ann.py).
+    vectors = unstructured(2000, 64, seed=0)
+    index = ApproximateIndex.build(vectors, AnnOptions(index_type="hnsw", hnsw_m=4, ef_construction=8))
+    tuned = index.options.tuned
+    assert tuned["sample_recall_at_10"] >= 0.95 and tuned["ef_search"] > 256
+    queries = unstructured(200, 64, seed=1)
+    assert recall_at_k(index.search(queries, 10)[1], exact_top(vectors, queries, 10)) >= 0.9  # fresh queries
+    assert tuned["seconds_per_query"] > 0 and tuned["exact_seconds_per_query"] > 0
+
+
+@pytest.mark.parametrize("approximate_slower", [True, False])
+def test_tuning_says_when_exact_search_is_faster(gallery, caplog, monkeypatch, approximate_slower):
+    import types
+
+    from entityclip_hf import ann_index
+
+    vectors = gallery[0]
+    index = ApproximateIndex.build(vectors, AnnOptions(index_type="ivf-flat", nlist=64, nprobe=4))  # not tuned
+    # tune() reads the clock around the exact top-k, then around the search at the knob it found.
+    clock = iter([0.0, 1.0, 2.0, 5.0] if approximate_slower else [0.0, 3.0, 4.0, 5.0])
+    monkeypatch.setattr(ann_index, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    with caplog.at_level("WARNING", logger="entityclip_hf.ann_index"):
+        tuned = index.tune(vectors)
+    assert tuned["exact_seconds_per_query"] == round((1.0 if approximate_slower else 3.0) / 256, 6)
+    assert tuned["seconds_per_query"] == round((3.0 if approximate_slower else 1.0) / 256, 6)
+    warned = [record.getMessage() for record in caplog.records if "slower than exact search" in record.getMessage()]
+    assert bool(warned) == approximate_slower
+    if approximate_slower:
+        assert "3.0x slower" in warned[0] and "the flat index is the better choice" in warned[0]
+
 model_folder = evaluation_cli_tests.model_folder  # a tiny saved EntityCLIP (module-scoped fixture)
 data_root = evaluation_cli_tests.data_root  # a 7-pair JSON-lines dataset
 
