@@ -160,7 +160,6 @@ def test_a_tiny_gallery_gets_a_small_enough_nlist():
         ApproximateIndex.build(tiny, AnnOptions(index_type="ivf-pq"))  # 256 PQ centroids need ~10k points
 
 
-
 def unstructured(count, dim, seed):
     points = np.random.default_rng(seed).standard_normal((count, dim)).astype(np.float32)
     return points / np.linalg.norm(points, axis=1, keepdims=True)
@@ -197,6 +196,7 @@ def test_tuning_says_when_exact_search_is_faster(gallery, caplog, monkeypatch, a
     assert bool(warned) == approximate_slower
     if approximate_slower:
         assert "3.0x slower" in warned[0] and "the flat index is the better choice" in warned[0]
+
 
 model_folder = evaluation_cli_tests.model_folder  # a tiny saved EntityCLIP (module-scoped fixture)
 data_root = evaluation_cli_tests.data_root  # a 7-pair JSON-lines dataset
