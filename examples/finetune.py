@@ -58,6 +58,7 @@ from entityclip_hf import EntityCLIPConfig, EntityCLIPModel
 from entityclip_hf.allocator import keep_freed_memory
 from entityclip_hf.data.loading import IMAGE_CHECKS
 from entityclip_hf.data.report import one_line
+from entityclip_hf.distributed import end_launched_process
 from entityclip_hf.evaluation import format_metrics_table
 from entityclip_hf.losses import contrastive_loss, local_losses
 from entityclip_hf.metrics import retrieval_metrics
@@ -691,20 +692,17 @@ def train(args) -> dict:
             private=args.hub_private,
         )
         log(f"pushed best/ to {args.hub_model_id}: {getattr(commit, 'commit_url', commit)}")
-    accelerator.end_training()
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed:
+    # Before end_training(), which destroys the process group (accelerate's Accelerator.end_training).
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         accelerator.wait_for_everyone()  # every process has written what it writes
-        torch.distributed.destroy_process_group()
+    accelerator.end_training()  # trackers finished, the process group destroyed
     if log_file:
         log_file.close()
-    if distributed and os.environ.get("LOCAL_RANK") is not None:
-        # A launched process (accelerate launch / torchrun) ends here, everything written and closed: tearing down
-        # this function's objects after the peer process has exited was seen to hang the last one at exit (2 gloo
-        # CPU processes, torch 2.13; stuck in native destructors, not in Python). Its results are in output_dir.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    # A launched process (accelerate launch / torchrun) ends here, everything written and closed, without tearing
+    # down this function's objects: after the peer process has exited, DDP's Reducer freeing its ProcessGroupGloo
+    # hangs the last one now and then (2 gloo CPU processes, torch 2.13: the destructor joins a thread that never
+    # returns; seen with py-spy --native). Its results are in output_dir.
+    end_launched_process(0)
     return results
 
 

@@ -7,19 +7,13 @@ averages the gradients. A 1-process run on the LOCAL batch (8) must differ, or t
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parent.parent
-FINETUNE = str(REPO / "examples" / "finetune.py")
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]  # `accelerate launch`, whatever is on PATH
-TWO_CPU_PROCESSES = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+from tests.finetune_runs import log_by_step, run_finetune
+
 STEPS = 6
 COMMON = [
     "--dataset", "demo", "--demo_entities", "8", "--demo_captions", "8",  # 48 training pairs: 3 steps per epoch
@@ -33,28 +27,7 @@ COMMON = [
 
 
 def run(output_dir, *args, processes=1):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # 2 processes x 1 thread on 2 cores
-    if processes == 1:
-        command = [sys.executable, FINETUNE]
-    else:
-        command = [*ACCELERATE, *TWO_CPU_PROCESSES, "--dynamo_backend", "no", FINETUNE]
-    result = subprocess.run(
-        [*command, *COMMON, "--output_dir", str(output_dir), *args], env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout + result.stderr
-
-
-def log_by_step(output_dir):
-    """{step: merged record} from train_log.jsonl, and the `run` records."""
-    steps, runs = {}, []
-    for line in (Path(output_dir) / "train_log.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "run" in record:
-            runs.append(record["run"])
-        else:
-            steps.setdefault(record["step"], {}).update(record)
-    return steps, runs
+    return run_finetune(*COMMON, "--output_dir", output_dir, *args, processes=processes)
 
 
 @pytest.fixture(scope="module")

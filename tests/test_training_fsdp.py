@@ -13,18 +13,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parent.parent
-FINETUNE = str(REPO / "examples" / "finetune.py")
+from tests.finetune_runs import ENV, REPO, log_by_step, run_finetune
+
 WORKER = str(REPO / "tests" / "fsdp_worker.py")
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
-TWO_CPU_PROCESSES = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
 STEPS = 6
 COMMON = [
     "--dataset", "demo", "--demo_entities", "8", "--demo_captions", "8",  # 48 pairs, 2 x 8 a step: 3 steps an epoch
@@ -34,32 +31,11 @@ COMMON = [
     "--max_grad_norm", "1.0", "--adam_epsilon", "1e-6",  # epsilon: see test_training_distributed.py
 ]  # fmt: skip
 LOSSES = ("train/loss", "train/contrastive_loss", "train/expert_contrastive_loss", "train/itm_loss")
-ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-
 sys.path.insert(0, str(REPO / "examples"))
 
 
 def launch(output_dir, *args):
-    command = [*ACCELERATE, *TWO_CPU_PROCESSES, "--dynamo_backend", "no", FINETUNE, *COMMON]
-    result = subprocess.run(
-        [*command, "--output_dir", str(output_dir), *args],
-        env={**os.environ, **ENV},
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout + result.stderr
-
-
-def log_by_step(output_dir):
-    steps, runs = {}, []
-    for line in (Path(output_dir) / "train_log.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "run" in record:
-            runs.append(record["run"])
-        else:
-            steps.setdefault(record["step"], {}).update(record)
-    return steps, runs
+    return run_finetune(*COMMON, "--output_dir", output_dir, *args, processes=2)
 
 
 @pytest.fixture(scope="module")

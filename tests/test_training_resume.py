@@ -8,18 +8,14 @@ reproducible from one call to the next).
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parent.parent
-FINETUNE = str(REPO / "examples" / "finetune.py")
+from tests.finetune_runs import run_finetune, training_records
+
 STEPS, SAVE_EVERY, CRASH_AFTER = 12, 5, 7
 COMMON = [
     "--dataset", "demo", "--demo_entities", "8", "--demo_captions", "8",  # 48 training pairs: 6 batches of 8
@@ -30,25 +26,7 @@ COMMON = [
 
 
 def run(output_dir, *args, expect=0):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, FINETUNE, *COMMON, "--output_dir", str(output_dir), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == expect, result.stderr[-4000:]
-    return result.stdout + result.stderr
-
-
-def train_losses(output_dir):
-    """{step: record} of the training lines; a resumed run's repeated steps overwrite the crashed run's."""
-    steps = {}
-    for line in (Path(output_dir) / "train_log.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "train/loss" in record:
-            steps[record["step"]] = record
-    return steps
+    return run_finetune(*COMMON, "--output_dir", output_dir, *args, expect=expect)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +39,7 @@ def runs(tmp_path_factory):
     after_crash = {
         "checkpoints": sorted(p.name for p in (crashed / "checkpoints").iterdir()),
         "final": (crashed / "final").exists(),
-        "logged_steps": sorted(train_losses(crashed)),
+        "logged_steps": sorted(training_records(crashed)),
     }
     # What a kill during a save leaves behind, and a checkpoint folder without its trainer state: never resumed from.
     partial = crashed / "checkpoints" / ".tmp-step_10"
@@ -89,7 +67,7 @@ def test_resume_picks_the_latest_complete_checkpoint(runs):
 
 def test_resumed_run_repeats_the_straight_run_step_by_step(runs):
     root, _, _ = runs
-    straight, resumed = train_losses(root / "straight"), train_losses(root / "crashed")
+    straight, resumed = training_records(root / "straight"), training_records(root / "crashed")
     assert sorted(resumed) == sorted(straight) == list(range(1, STEPS + 1))
     for step in range(SAVE_EVERY + 1, STEPS + 1):
         for name in ("train/loss", "train/itm_loss", "lr"):  # itm_loss: the hard negatives drawn are the same

@@ -2,19 +2,14 @@
 resumed repeats the straight run step by step and ends with bitwise the same weights; column flags are checked."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.finetune_runs import run_finetune, training_records
 from tests.test_data_sources import write_shards
 
-REPO = Path(__file__).resolve().parent.parent
-FINETUNE = str(REPO / "examples" / "finetune.py")
 STEPS, SAVE_EVERY, CRASH_AFTER = 9, 4, 6
 COMMON = [
     "--tiny_hidden_size", "32", "--tiny_image_size", "32", "--tiny_patch_size", "8",
@@ -24,21 +19,7 @@ COMMON = [
 
 
 def run(*args, expect=0):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, FINETUNE, *COMMON, *map(str, args)], env=env, capture_output=True, text=True
-    )
-    assert result.returncode == expect, result.stderr[-4000:]
-    return result.stdout + result.stderr
-
-
-def train_records(output_dir):
-    steps = {}
-    for line in (Path(output_dir) / "train_log.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "train/loss" in record:
-            steps[record["step"]] = record
-    return steps
+    return run_finetune(*COMMON, *args, expect=expect)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +39,7 @@ def test_streamed_run_resumed_mid_epoch_repeats_the_straight_run(runs):
     state = json.loads((root / "crashed" / "checkpoints" / f"step_{SAVE_EVERY}" / "trainer_state.json").read_text())
     assert state["epoch"] == 0 and state["batches_in_epoch"] == SAVE_EVERY  # mid-epoch (6 batches)
     assert sum(state["stream_position"]["batches"][0]) == SAVE_EVERY
-    straight, resumed = train_records(root / "straight"), train_records(root / "crashed")
+    straight, resumed = training_records(root / "straight"), training_records(root / "crashed")
     assert sorted(straight) == sorted(resumed) == list(range(1, STEPS + 1))
     assert {straight[step]["epoch"] for step in straight} == {0, 1}  # crosses into the next epoch
     for step in range(SAVE_EVERY + 1, STEPS + 1):
