@@ -297,9 +297,17 @@ class ApproximateIndex:
             ]
             return float(np.mean(shares))
 
+        seconds_at = {}  # knob value -> seconds the sample's search took there (the final setting's is reported)
+
+        def timed_search(refine: int | None) -> tuple[np.ndarray, float]:
+            started = time.perf_counter()
+            found = self._search(queries, search_depth, refine)[1]
+            return found, time.perf_counter() - started
+
         def recall_with(value: int) -> float:
             self._set_search_knob(value)
-            return recall_of(self._search(queries, search_depth, refine_factor)[1])
+            found, seconds_at[value] = timed_search(refine_factor)
+            return recall_of(found)
 
         hnsw = self.options.index_type == "hnsw"
         # HNSW's limit is the gallery: a candidate list that long searches every row the graph reaches. Unstructured
@@ -329,17 +337,16 @@ class ApproximateIndex:
             self._set_search_knob(value)
             factor = self.options.refine_factor
             while factor < MAX_REFINE_FACTOR:
-                factor_recall = recall_of(self._search(queries, search_depth, factor)[1])
+                found, seconds = timed_search(factor)
+                factor_recall = recall_of(found)
                 if factor_recall >= min(target, recall):
-                    recall = factor_recall
+                    recall, seconds_at[value] = factor_recall, seconds
                     break
                 factor *= 2
             self.options.refine_factor = min(factor, MAX_REFINE_FACTOR)
         self._set_search_knob(value)
         setattr(self.options, self.knob_name, value)
-        started = time.perf_counter()
-        self._search(queries, search_depth)
-        search_seconds = time.perf_counter() - started
+        search_seconds = seconds_at[value]
         self.options.tuned = {
             self.knob_name: value,
             f"sample_recall_at_{k}": round(recall, 4),

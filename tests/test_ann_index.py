@@ -185,13 +185,26 @@ def test_tuning_says_when_exact_search_is_faster(gallery, caplog, monkeypatch, a
 
     vectors = gallery[0]
     index = ApproximateIndex.build(vectors, AnnOptions(index_type="ivf-flat", nlist=64, nprobe=4))  # not tuned
-    # tune() reads the clock around the exact top-k, then around the search at the knob it found.
-    clock = iter([0.0, 1.0, 2.0, 5.0] if approximate_slower else [0.0, 3.0, 4.0, 5.0])
-    monkeypatch.setattr(ann_index, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    # A clock that only the exact top-k and the index's searches move, each by a fixed cost.
+    exact_cost, search_cost = (1.0, 3.0) if approximate_slower else (3.0, 1.0)
+    now = [0.0]
+    real_exact, real_search = ann_index._exact_top, ApproximateIndex._search
+
+    def exact_top(*args, **kwargs):
+        now[0] += exact_cost
+        return real_exact(*args, **kwargs)
+
+    def search(self, *args, **kwargs):
+        now[0] += search_cost
+        return real_search(self, *args, **kwargs)
+
+    monkeypatch.setattr(ann_index, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(ann_index, "_exact_top", exact_top)
+    monkeypatch.setattr(ApproximateIndex, "_search", search)
     with caplog.at_level("WARNING", logger="entityclip_hf.ann_index"):
         tuned = index.tune(vectors)
-    assert tuned["exact_seconds_per_query"] == round((1.0 if approximate_slower else 3.0) / 256, 6)
-    assert tuned["seconds_per_query"] == round((3.0 if approximate_slower else 1.0) / 256, 6)
+    assert tuned["exact_seconds_per_query"] == round(exact_cost / 256, 6)
+    assert tuned["seconds_per_query"] == round(search_cost / 256, 6)  # one search of the sample, not their sum
     warned = [record.getMessage() for record in caplog.records if "slower than exact search" in record.getMessage()]
     assert bool(warned) == approximate_slower
     if approximate_slower:
