@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.finetune_runs import ENV, REPO, log_by_step, run_finetune
+from tests.finetune_runs import ENV, REPO, assert_final_weights_follow, log_by_step, run_finetune
 
 WORKER = str(REPO / "tests" / "fsdp_worker.py")
 STEPS = 6
@@ -106,12 +106,7 @@ def test_finetune_fsdp_follows_ddp_step_by_step(runs):
         for name in ("eval/contrastive_loss", "eval/rsum", "eval/itm_auc"):
             assert sharded[step][name] == pytest.approx(ddp[step][name], rel=1e-5), (step, name)
     assert ddp[STEPS]["train/contrastive_loss"] < ddp[1]["train/contrastive_loss"] - 0.05, "training moved"
-    weights_ddp = load_file(root / "ddp" / "final" / "model.safetensors")
-    weights_fsdp = load_file(root / "fsdp" / "final" / "model.safetensors")
-    assert weights_ddp.keys() == weights_fsdp.keys()
-    for key in weights_ddp:  # attention key biases: mathematically zero gradients (test_training_distributed.py)
-        tolerance = 1e-2 if key.endswith("k_proj.bias") else 1e-5
-        torch.testing.assert_close(weights_fsdp[key], weights_ddp[key], rtol=0, atol=tolerance, msg=key)
+    assert_final_weights_follow(root / "fsdp", root / "ddp")
 
 
 def test_mid_epoch_resume_of_an_fsdp_run_equals_the_straight_run(runs):
